@@ -1,0 +1,152 @@
+"""The Ray side of sending: the per-run coordinator actor and the batch UDF run by the pool.
+
+`SendBatches` is a Ray Data callable class: setup in `__init__` (sender, engine, ledger
+writer), work in `__call__(batch)`. It is handed to `map_batches` with an ActorPoolStrategy.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from . import ledger
+from .config import SendConfig
+from .engine import AsyncEngine, BatchCounts, Engine, ThreadEngine
+from .messages import Message, id_domain, message_id
+from .senders import AsyncSender, Sender, make_sender
+
+SUMMARY_SCHEMA = pa.schema([
+    ("rows", pa.int64()), ("sent", pa.int64()), ("failed", pa.int64()),
+    ("abandoned", pa.int64()), ("skipped", pa.int64()), ("attempts", pa.int64()),
+    ("retries", pa.int64()), ("crashed", pa.int64()), ("finished_at", pa.float64()),
+])
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Coordinator:
+    """Per-run shared state the sender actors consult: batch attempt counts and the stop flag.
+
+    It asks for no CPU and is pinned to the driver's node, so it lives exactly as long as the run.
+    """
+
+    def __init__(self) -> None:
+        self._attempts: dict[str, int] = {}
+        self._stopping = False
+
+    def begin_batch(self, key: str) -> int:
+        """Count an attempt at a batch. A count above 1 means a worker died holding it."""
+        n = self._attempts.get(key, 0) + 1
+        self._attempts[key] = n
+        return n
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def is_stopping(self) -> bool:
+        return self._stopping
+
+    def crashed_batches(self) -> int:
+        return sum(1 for n in self._attempts.values() if n > 1)
+
+
+def _summary(rows: int, counts: BatchCounts, skipped: int = 0, crashed: int = 0) -> pa.Table:
+    return pa.table({
+        "rows": [rows], "sent": [counts.sent], "failed": [counts.failed],
+        "abandoned": [counts.abandoned], "skipped": [skipped], "attempts": [counts.attempts],
+        "retries": [counts.retries], "crashed": [crashed], "finished_at": [time.time()],
+    }, schema=SUMMARY_SCHEMA)
+
+
+class SendBatches:
+    """Sends each batch of recipients through one long-lived engine per actor."""
+
+    def __init__(self, *, run_dir: str, campaign: str, run_id: str, config: SendConfig,
+                 coordinator: Any, fields: tuple[str, ...]) -> None:
+        ctx = ray.get_runtime_context()
+        # The pool names its actors (campaign.py); the id's leading hex is unique, its tail is
+        # the job id.
+        name = ctx.get_actor_name() if hasattr(ctx, "get_actor_name") else None
+        self.actor = name or f"sender-{(ctx.get_actor_id() or os.urandom(6).hex())[:12]}"
+        self.node = ctx.get_node_id() or "local"
+        self.run_dir = run_dir
+        self.campaign = campaign
+        self.config = config
+        self.coordinator = coordinator
+        self.fields = fields
+        self.domain = id_domain(config.message.from_addr)
+        self.ledger = ledger.LedgerWriter(run_dir, writer=self.actor, node=self.node, run=run_id,
+                                          flush_seconds=config.flush_seconds)
+        sender = make_sender(config)
+        common: dict[str, Any] = dict(concurrency=config.concurrency, retry=config.retry,
+                                      ledger=self.ledger, seed=None)
+        self.engine: Engine
+        if config.mode == "async":
+            assert isinstance(sender, AsyncSender), "this sender has no async path"
+            self.engine = AsyncEngine(sender, **common)
+        else:
+            assert isinstance(sender, Sender)
+            self.engine = ThreadEngine(sender, **common)
+        threading.Thread(target=self._watch_stop, name="stop-watch", daemon=True).start()
+
+    def _watch_stop(self) -> None:
+        # Polling (every 0.25 s) rather than a push keeps the coordinator free of actor handles.
+        while not self.engine.stopping:
+            try:
+                if ray.get(self.coordinator.is_stopping.remote(), timeout=10):
+                    self.engine.stop()
+                    return
+            except Exception:  # noqa: BLE001 - the coordinator is gone: the run is ending
+                return
+            time.sleep(0.25)
+
+    def _messages(self, batch: pa.Table, skip: set[int]) -> list[Message]:
+        ids = batch.column("id").to_pylist()
+        emails = batch.column("email").to_pylist()
+        cols = {f: batch.column(f).to_pylist() for f in self.fields if f in batch.column_names}
+        out = []
+        for i, (rid, email) in enumerate(zip(ids, emails, strict=True)):
+            if rid in skip:
+                continue
+            out.append(Message(rid, email, message_id(self.campaign, rid, self.domain),
+                               {f: v[i] for f, v in cols.items()}))
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("id")
+        n = batch.num_rows
+        if n == 0:
+            return _summary(0, BatchCounts())
+        key = f"{ids[0].as_py()}:{ids[n - 1].as_py()}:{n}"
+        attempt = ray.get(self.coordinator.begin_batch.remote(key))
+        skip: set[int] = set()
+        if attempt > 1:
+            # A worker died holding this batch: what it recorded before dying is not sent again.
+            skip = ledger.recorded_ids(self.run_dir, ids.to_pylist())
+        if attempt > self.config.max_batch_attempts:
+            return self._give_up(batch, skip, attempt)
+        messages = self._messages(batch, skip)
+        counts = self.engine.run(messages)
+        self.ledger.flush()  # durable before Ray Data counts the batch as done
+        return _summary(n, counts, skipped=len(skip), crashed=int(attempt > 1))
+
+    def _give_up(self, batch: pa.Table, skip: set[int], attempt: int) -> pa.Table:
+        reason = (f"worker process died {attempt - 1} times while sending this batch; "
+                  "not tried again")
+        now = time.time()
+        counts = BatchCounts()
+        for m in self._messages(batch, skip):
+            self.ledger.record(m.id, m.to, ledger.FAILED, 0, reason, None, now, None, m.message_id)
+            counts.failed += 1
+        self.ledger.flush()
+        return _summary(batch.num_rows, counts, skipped=len(skip), crashed=1)
+
+    def __del__(self) -> None:
+        try:
+            self.ledger.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,354 @@
+"""One function that runs a campaign, top to bottom as the data flows:
+load → partition → send → ledger → report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import ray
+
+from . import ledger, recipients, report, storage
+from .actors import Coordinator, SendBatches
+from .config import CampaignConfig, SendConfig, check_campaign_name
+from .errors import CampaignInterrupted, UsageError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress:
+    total: int
+    sent: int
+    failed: int
+    abandoned: int
+    retries: int
+    elapsed: float
+
+    @property
+    def done(self) -> int:
+        return self.sent + self.failed + self.abandoned
+
+    @property
+    def rate(self) -> float:
+        return (self.sent + self.failed) / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        return (self.total - self.done) / self.rate if self.rate > 0 else None
+
+
+@dataclass
+class Hooks:
+    """How the library talks to whoever runs it, without printing: the CLI renders these."""
+
+    on_progress: Callable[[Progress], None] | None = None
+    on_info: Callable[[str], None] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def info(self, text: str) -> None:
+        if self.on_info:
+            self.on_info(text)
+
+
+class Stages:
+    """Wall time per stage, each measured where its work finishes (Ray Data is lazy)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- preparation
+
+def campaign_name(config: CampaignConfig, input_path: str) -> str:
+    if config.campaign:
+        return config.campaign
+    stem = os.path.basename(input_path.rstrip("/")).split(".")[0] or "campaign"
+    stem = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in stem).strip("-._")
+    return check_campaign_name(f"{stem or 'campaign'}-{dt.date.today():%Y%m%d}")
+
+
+def _check_writable(runs_dir: str) -> None:
+    if storage.is_uri(runs_dir):
+        return
+    probe = os.path.abspath(runs_dir)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--runs-dir {runs_dir}: not a writable directory ({probe})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Everything checked before Ray starts."""
+
+    input: str
+    campaign: str
+    run_dir: str
+    run_id: str
+    lazy: pl.LazyFrame
+    suppression: pl.DataFrame | None
+
+
+def plan(config: CampaignConfig, *, hooks: Hooks | None = None) -> Plan:
+    """Check flags, files and columns; raises UsageError before anything is written or started."""
+    hooks = hooks or Hooks()
+    _check_writable(config.runs_dir)
+    if config.input is None:
+        path = os.path.join(config.data_dir, f"recipients-{config.default_rows}.parquet")
+        if not os.path.exists(path):
+            hooks.info(f"generating {config.default_rows:,} recipients into {path} (once)")
+        input_path = recipients.default_input(config.data_dir, config.default_rows)
+    else:
+        input_path = config.input
+    lazy = recipients.scan(input_path)
+    suppression = recipients.read_suppression(config.suppress) if config.suppress else None
+    name = campaign_name(config, input_path)
+    from .templates import check_fields  # templates name fields that must exist
+    check_fields(config.send.message, lazy.collect_schema().names())
+    return Plan(input=input_path, campaign=name, run_dir=storage.join(config.runs_dir, name),
+                run_id=ledger.new_run_id(), lazy=lazy, suppression=suppression)
+
+
+# --------------------------------------------------------------------------- Ray
+
+def _ensure_ray(config: CampaignConfig, send: SendConfig, hooks: Hooks) -> bool:
+    """Start or join Ray. Returns True when this call started it (and so must stop it)."""
+    if ray.is_initialized():
+        return False
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = dict(address=address, logging_level=logging.WARNING,
+                                  include_dashboard=config.dashboard if address is None else None)
+    if address is None:
+        # Sending is I/O-bound: senders ask for a fraction of a CPU, and Ray is given at least
+        # enough logical CPUs for all of them plus one for Ray Data's own tasks (8 actors at
+        # 1 CPU each never start on 2 cores; RAY-NOTES.md).
+        need = math.ceil(send.actors * send.cpus_per_actor) + 1
+        kwargs["num_cpus"] = config.num_cpus or max(os.cpu_count() or 1, need)
+    ctx = ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        hooks.info(f"Ray dashboard: http://{url}")
+    return True
+
+
+def _batch_size(send: SendConfig, rows: int) -> int:
+    if send.batch_size:
+        return send.batch_size
+    # One batch keeps an actor's workers busy for about one latency; two calls in flight per
+    # actor keep the next batch queued behind it. Cap so every actor sees at least 4 batches,
+    # otherwise the tail waits on one actor.
+    per_actor_share = math.ceil(rows / (send.actors * 4)) if rows else 1
+    return max(1, min(send.concurrency, per_actor_share))
+
+
+def partition(frame: pl.DataFrame, *, batch_size: int, max_blocks: int = 2000) -> Any:
+    """Hand rows to Ray as a Dataset of many blocks (one `from_arrow` table is ONE block)."""
+    table = frame.to_arrow()
+    rows = table.num_rows
+    blocks = max(1, min(math.ceil(rows / batch_size), max_blocks))
+    per_block = math.ceil(rows / blocks / batch_size) * batch_size
+    tables = [table.slice(i, per_block) for i in range(0, rows, per_block)] or [table]
+    return ray.data.from_arrow(tables)
+
+
+def _stats(ds: Any) -> list[dict[str, Any]]:
+    """Ray Data's per-operator stats, JSON-able."""
+    try:
+        summary = ds.get_stats_summary()
+    except Exception:  # noqa: BLE001 - stats are a report nicety, never a failure
+        return []
+    out: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        for parent in getattr(node, "parents", []) or []:
+            walk(parent)
+        for op in getattr(node, "operators_stats", []) or []:
+            entry: dict[str, Any] = {"operator": getattr(op, "operator_name", "?"),
+                                     "time_total_s": getattr(op, "time_total_s", None)}
+            for attr in ("wall_time", "cpu_time", "udf_time", "output_num_rows"):
+                value = getattr(op, attr, None)
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    value = dataclasses.asdict(value)
+                if isinstance(value, dict):
+                    entry[attr] = {k: v for k, v in value.items() if isinstance(v, (int, float))}
+            out.append(entry)
+    walk(summary)
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+def run_campaign(config: CampaignConfig, *, hooks: Hooks | None = None) -> report.Report:
+    """Send the campaign `config` describes; return its report.
+
+    Raises UsageError for user mistakes (before Ray starts) and CampaignInterrupted after a
+    requested stop (the ledger is flushed and the campaign can be resumed).
+    """
+    hooks = hooks or Hooks()
+    send = config.send
+    stages = Stages()
+    started_at = time.time()
+
+    with stages.time("load"):
+        p = plan(config, hooks=hooks)
+        if config.restart:
+            storage.delete_dir(ledger.ledger_dir(p.run_dir))
+            storage.delete_file(ledger.ledger_file(p.run_dir))
+        done = None if config.restart else ledger.done_ids(p.run_dir, retry_failed=config.retry_failed)
+        header_fields = ("name",) + tuple(f for f in _subject_fields(send) if f != "name")
+        loaded = recipients.load(p.lazy, done=done, suppression=p.suppression,
+                                 header_fields=header_fields)
+    storage.makedirs(p.run_dir)
+    ledger.write_frame(p.run_dir, loaded.settled.with_columns(run=pl.lit(p.run_id)),
+                       name=f"load-{p.run_id}")
+    if loaded.already_done:
+        hooks.info(f"resuming campaign {p.campaign}: {loaded.already_done:,} recipients already "
+                   "done are skipped")
+
+    if config.dry_run:
+        from .templates import write_dry_run
+        with stages.time("render"):
+            written = write_dry_run(loaded.to_send.head(config.dry_run), p.run_dir, p.campaign, send)
+        hooks.info(f"dry run: wrote {written} .eml files under {storage.join(p.run_dir, 'dry-run')}")
+        return report.build_dry_run(p, loaded, stages.seconds, written)
+
+    totals = {"sent": 0, "failed": 0, "abandoned": 0, "retries": 0, "crashed": 0, "skipped": 0}
+    ray_stats: list[dict[str, Any]] = []
+    interrupted = False
+    started_ray = False
+    batch_size = _batch_size(send, loaded.to_send.height)
+    try:
+        if loaded.to_send.height:
+            with stages.time("ray_start"):
+                started_ray = _ensure_ray(config, send, hooks)
+                from ray.data import DataContext
+                DataContext.get_current().enable_progress_bars = False
+                coordinator = Coordinator.options(  # type: ignore[attr-defined]
+                    scheduling_strategy=_this_node()).remote()
+
+            with stages.time("partition"):
+                ds = partition(loaded.to_send, batch_size=batch_size)
+
+            with stages.time("send"):
+                out = ds.map_batches(
+                    SendBatches,
+                    fn_constructor_kwargs=dict(run_dir=p.run_dir, campaign=p.campaign,
+                                               run_id=p.run_id, config=send,
+                                               coordinator=coordinator, fields=loaded.fields),
+                    batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
+                    compute=ray.data.ActorPoolStrategy(
+                        size=send.actors, max_tasks_in_flight_per_actor=2,
+                        max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
+                    num_cpus=send.cpus_per_actor, scheduling_strategy="SPREAD",
+                    ray_remote_args_fn=_actor_names(p.campaign),
+                )
+                interrupted = _consume(out, loaded.to_send.height, totals, coordinator, hooks, send)
+                ray_stats = _stats(out)
+            if config.timeline:
+                ray.timeline(filename=config.timeline)
+                hooks.info(f"timeline written to {config.timeline} (open in chrome://tracing or "
+                           "https://ui.perfetto.dev)")
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    with stages.time("ledger"):
+        journal = ledger.read_journal(p.run_dir)
+        this_run = journal.filter(pl.col("run") == p.run_id)
+        full = ledger.consolidate(p.run_dir)
+
+    with stages.time("report"):
+        rep = report.build(
+            campaign=p.campaign, run_id=p.run_id, run_dir=p.run_dir, input=p.input, send=send,
+            batch_size=batch_size, loaded=loaded, this_run=this_run, ledger=full,
+            stages=stages.seconds, ray_stats=ray_stats, totals=totals, started_at=started_at,
+            interrupted=interrupted)
+        if config.charts:
+            rep["charts"] = report.write_charts(rep, this_run, p.run_dir)
+    # Written after the stage closes so that the report holds its own stage's time too.
+    rep["stages_s"]["report"] = round(stages.seconds["report"], 3)
+    report.write(rep, p.run_dir)
+    if interrupted:
+        raise CampaignInterrupted(f"campaign {p.campaign} stopped before the end", report=rep)
+    return rep
+
+
+def _subject_fields(send: SendConfig) -> tuple[str, ...]:
+    from .templates import referenced_fields
+    return tuple(sorted(referenced_fields(send.message.subject)))
+
+
+def _this_node() -> Any:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def _actor_names(campaign: str) -> Callable[[], dict[str, Any]]:
+    """Each pool actor gets a readable name, so the dashboard's timeline reads well."""
+    counter = iter(range(1_000_000))
+    prefix = f"bulkmail-{campaign}-{os.getpid()}"
+
+    def remote_args() -> dict[str, Any]:
+        return {"name": f"{prefix}-sender-{next(counter)}"}
+    return remote_args
+
+
+def _consume(out: Any, total: int, totals: dict[str, int], coordinator: Any, hooks: Hooks,
+             send: SendConfig) -> bool:
+    """Drive the send stage; returns True if a stop was requested."""
+    t0 = time.perf_counter()
+    stopped = False
+    deadline: float | None = None
+
+    def watch() -> None:
+        hooks.stop.wait()
+        try:
+            coordinator.stop.remote()
+        except Exception:  # noqa: BLE001
+            pass
+    threading.Thread(target=watch, name="stop-relay", daemon=True).start()
+
+    last_emit = 0.0
+    for batch in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        assert isinstance(batch, pa.Table)
+        for k in totals:
+            totals[k] += int(pa.compute.sum(batch.column(k)).as_py() or 0)
+        now = time.perf_counter()
+        if hooks.on_progress and (now - last_emit > 0.2):
+            last_emit = now
+            hooks.on_progress(Progress(total=total, sent=totals["sent"], failed=totals["failed"],
+                                       abandoned=totals["abandoned"], retries=totals["retries"],
+                                       elapsed=now - t0))
+        if hooks.stop.is_set():
+            stopped = True
+            if deadline is None:
+                deadline = now + send.stop_timeout
+            elif now > deadline:
+                break
+    if hooks.on_progress:
+        hooks.on_progress(Progress(total=total, sent=totals["sent"], failed=totals["failed"],
+                                   abandoned=totals["abandoned"], retries=totals["retries"],
+                                   elapsed=time.perf_counter() - t0))
+    return stopped or hooks.stop.is_set()

@@ -1,0 +1,153 @@
+"""Frozen, keyword-only configuration objects: what a run is asked to do, validated once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import UsageError
+
+Mode = Literal["threads", "async"]
+SenderKind = Literal["fake", "smtp"]
+TlsMode = Literal["none", "starttls", "ssl"]
+
+DEFAULT_LATENCY = 0.5
+_CAMPAIGN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**(n-1)))."""
+
+    max_attempts: int = 3
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise UsageError(f"--max-attempts must be at least 1, got {self.max_attempts}")
+        if self.backoff_base < 0 or self.backoff_cap < 0:
+            raise UsageError("--backoff must not be negative")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpConfig:
+    host: str = "127.0.0.1"
+    port: int = 25
+    tls: TlsMode = "none"
+    user: str | None = None
+    # Read from the environment by the sender itself, so it never travels in a config, a
+    # Ray task argument, a report or a log.
+    password_env: str = "BULKMAIL_SMTP_PASSWORD"
+    max_per_connection: int = 100
+    timeout: float = 30.0
+    # For tests with a self-signed certificate: a CA file to trust.
+    ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise UsageError(f"--smtp-port must be in 1..65535, got {self.port}")
+        if self.max_per_connection < 1:
+            raise UsageError(
+                f"--smtp-max-per-connection must be at least 1, got {self.max_per_connection}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageConfig:
+    """What each email looks like. Subject, body and unsubscribe URL are Jinja2 templates."""
+
+    from_addr: str = "bulkmail <noreply@bulkmail.invalid>"
+    subject: str = "Hello {{ name }}"
+    template: str | None = None  # path to a plain-text body; a sibling .html makes it multipart
+    unsubscribe_url: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendConfig:
+    """How the send stage runs. Everything an actor needs travels in here (no secrets)."""
+
+    actors: int = 8
+    threads_per_actor: int = 100
+    mode: Mode = "threads"
+    concurrency_per_actor: int = 5000  # async mode only
+    cpus_per_actor: float = 0.25
+    batch_size: int | None = None  # None: chosen from concurrency and row count
+    sender: SenderKind = "fake"
+    latency: float = DEFAULT_LATENCY
+    fail_rate: float = 0.0  # fake sender: fraction of attempts that fail transiently
+    permanent_fail_rate: float = 0.0  # fake sender: fraction of recipients refused for good
+    seed: int = 0
+    send_log: str | None = None  # fake sender: append one line per delivered email
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    message: MessageConfig = field(default_factory=MessageConfig)
+    rate: float | None = None  # emails per second across the whole cluster
+    flush_seconds: float = 0.5
+    max_batch_attempts: int = 3  # a batch whose worker dies this often is recorded as failed
+    stop_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name, value in (("--actors", self.actors), ("--threads-per-actor", self.threads_per_actor),
+                            ("--concurrency-per-actor", self.concurrency_per_actor)):
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.latency < 0:
+            raise UsageError(f"--latency must not be negative, got {self.latency}")
+        for name, rate in (("--fail-rate", self.fail_rate),
+                           ("--permanent-fail-rate", self.permanent_fail_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise UsageError(f"{name} must be within [0, 1], got {rate}")
+        if self.cpus_per_actor <= 0:
+            raise UsageError(f"--cpus-per-actor must be positive, got {self.cpus_per_actor}")
+        if self.rate is not None and self.rate <= 0:
+            raise UsageError(f"--rate must be positive, got {self.rate}")
+
+    @property
+    def concurrency(self) -> int:
+        """Concurrent sends per actor."""
+        return self.threads_per_actor if self.mode == "threads" else self.concurrency_per_actor
+
+    @property
+    def total_concurrency(self) -> int:
+        return self.actors * self.concurrency
+
+
+@dataclass(frozen=True, kw_only=True)
+class CampaignConfig:
+    """One run of a campaign: where the recipients are, where the run writes, how it sends."""
+
+    input: str | None = None  # None: the embedded default (a generated 1M-row file)
+    campaign: str | None = None  # None: derived from the input's name and today's date
+    runs_dir: str = "runs"
+    data_dir: str = "data"
+    default_rows: int = 1_000_000
+    suppress: str | None = None
+    restart: bool = False
+    retry_failed: bool = False
+    address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray
+    num_cpus: int | None = None  # logical CPUs for a local Ray
+    dashboard: bool = True
+    timeline: str | None = None
+    dry_run: int | None = None
+    charts: bool = True
+    send: SendConfig = field(default_factory=SendConfig)
+
+    def __post_init__(self) -> None:
+        if self.campaign is not None:
+            check_campaign_name(self.campaign)
+        if self.dry_run is not None and self.dry_run < 1:
+            raise UsageError(f"--dry-run must be at least 1, got {self.dry_run}")
+
+
+def check_campaign_name(name: str) -> str:
+    """A campaign name becomes a folder under runs/: keep it a single plain path segment."""
+    if not _CAMPAIGN_NAME.match(name) or name in {".", ".."}:
+        raise UsageError(
+            f"--campaign {name!r} is not a plain name: use letters, digits, '.', '_' or '-' "
+            "(no '/' or '..'), starting with a letter or digit"
+        )
+    return name

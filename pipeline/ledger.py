@@ -1,0 +1,243 @@
+"""The ledger: one row per recipient with its final outcome, written as Parquet while the run goes.
+
+Layout under `runs/<campaign>/`:
+- `ledger/part-*.parquet`: the journal. Each part is written atomically by the process that
+  produced its rows (sender actors every `flush_seconds`, and at the end of every batch; the
+  driver for rows settled at load time). A crash loses at most the unflushed results.
+- `ledger.parquet`: the consolidated ledger, one row per recipient, written at the end of a run
+  from the previous `ledger.parquet` and every part.
+
+Reading always takes the union of both and keeps one row per id, so a crash between writing
+`ledger.parquet` and deleting the parts it absorbed loses and doubles nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+
+import polars as pl
+import pyarrow as pa
+
+from . import storage
+
+SENT = "sent"
+FAILED = "failed"
+INVALID = "invalid"
+DUPLICATE = "duplicate"
+SUPPRESSED = "suppressed"
+# "Final" means resume skips the recipient. A failed recipient is final too (its attempts are
+# used up); `--retry-failed` makes the next run try those again.
+FINAL_STATUSES = (SENT, FAILED, INVALID, DUPLICATE, SUPPRESSED)
+LOAD_STATUSES = (INVALID, DUPLICATE, SUPPRESSED)
+
+_TS = pa.timestamp("us", tz="UTC")
+SCHEMA = pa.schema([
+    ("id", pa.int64()),
+    ("email", pa.large_string()),
+    ("status", pa.large_string()),
+    ("attempts", pa.int32()),
+    ("error", pa.large_string()),
+    ("started_at", _TS),
+    ("finished_at", _TS),
+    ("latency_s", pa.float64()),
+    ("actor", pa.large_string()),
+    ("node", pa.large_string()),
+    ("message_id", pa.large_string()),
+    ("duplicate_of", pa.int64()),
+    ("run", pa.large_string()),
+])
+POLARS_SCHEMA = pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema)  # type: ignore[union-attr]
+
+
+def ledger_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "ledger")
+
+
+def ledger_file(run_dir: str) -> str:
+    return storage.join(run_dir, "ledger.parquet")
+
+
+def _epoch_to_ts(values: list[float | None]) -> pa.Array:
+    micros = [None if v is None else int(v * 1_000_000) for v in values]
+    return pa.array(micros, type=pa.int64()).cast(_TS)
+
+
+class LedgerWriter:
+    """Buffers per-recipient outcomes inside one process and writes them as Parquet parts.
+
+    Thread-safe: sender threads (or the event loop) call `record`; a daemon thread flushes every
+    `flush_seconds`, and callers flush at the end of a batch so a finished batch is durable
+    before Ray Data hears that it finished.
+    """
+
+    def __init__(self, run_dir: str, *, writer: str, node: str, run: str,
+                 flush_seconds: float = 0.5) -> None:
+        self._dir = ledger_dir(run_dir)
+        storage.makedirs(self._dir)
+        self._writer = writer
+        self._node = node
+        self._run = run
+        # A restarted actor reuses its name: the uuid keeps its parts from overwriting.
+        self._prefix = f"part-{writer}-{uuid.uuid4().hex[:8]}"
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
+        self._cols: dict[str, list[object]] = self._empty()
+        self._closed = threading.Event()
+        self.rows_written = 0
+        if flush_seconds > 0:
+            t = threading.Thread(target=self._flush_loop, args=(flush_seconds,),
+                                 name="ledger-flush", daemon=True)
+            t.start()
+
+    @staticmethod
+    def _empty() -> dict[str, list[object]]:
+        return {k: [] for k in ("id", "email", "status", "attempts", "error", "started_at",
+                                "finished_at", "latency_s", "message_id")}
+
+    def record(self, id: int, email: str, status: str, attempts: int, error: str | None,
+               started_at: float | None, finished_at: float | None, latency_s: float | None,
+               message_id: str | None) -> None:
+        with self._lock:
+            c = self._cols
+            c["id"].append(id)
+            c["email"].append(email)
+            c["status"].append(status)
+            c["attempts"].append(attempts)
+            c["error"].append(error)
+            c["started_at"].append(started_at)
+            c["finished_at"].append(finished_at)
+            c["latency_s"].append(latency_s)
+            c["message_id"].append(message_id)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._cols["id"])
+
+    def flush(self) -> int:
+        """Write what is buffered as one part; returns the number of rows written."""
+        with self._io_lock:  # one writer at a time keeps part numbers in order
+            with self._lock:
+                cols, self._cols = self._cols, self._empty()
+            n = len(cols["id"])
+            if n == 0:
+                return 0
+            table = pa.table({
+                "id": pa.array(cols["id"], pa.int64()),
+                "email": pa.array(cols["email"], pa.large_string()),
+                "status": pa.array(cols["status"], pa.large_string()),
+                "attempts": pa.array(cols["attempts"], pa.int32()),
+                "error": pa.array(cols["error"], pa.large_string()),
+                "started_at": _epoch_to_ts(cols["started_at"]),  # type: ignore[arg-type]
+                "finished_at": _epoch_to_ts(cols["finished_at"]),  # type: ignore[arg-type]
+                "latency_s": pa.array(cols["latency_s"], pa.float64()),
+                "actor": pa.array([self._writer] * n, pa.large_string()),
+                "node": pa.array([self._node] * n, pa.large_string()),
+                "message_id": pa.array(cols["message_id"], pa.large_string()),
+                "duplicate_of": pa.nulls(n, pa.int64()),
+                "run": pa.array([self._run] * n, pa.large_string()),
+            }, schema=SCHEMA)
+            name = f"{self._prefix}-{next(self._seq):06d}.parquet"
+            storage.write_table(table, storage.join(self._dir, name))
+            self.rows_written += n
+            return n
+
+    def _flush_loop(self, every: float) -> None:
+        while not self._closed.wait(every):
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a failed periodic flush is retried next time
+                pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self.flush()
+
+
+def write_frame(run_dir: str, frame: pl.DataFrame, *, name: str) -> None:
+    """Write rows settled by the driver (invalid, duplicate, suppressed) as one ledger part."""
+    if frame.height == 0:
+        return
+    storage.makedirs(ledger_dir(run_dir))
+    table = conform(frame).to_arrow().cast(SCHEMA)
+    storage.write_table(table, storage.join(ledger_dir(run_dir), f"{name}.parquet"))
+
+
+def conform(frame: pl.DataFrame) -> pl.DataFrame:
+    """Give `frame` exactly the ledger's columns and types, filling absent ones with nulls."""
+    return frame.select([
+        (pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype)).alias(name)
+        for name, dtype in POLARS_SCHEMA.items()
+    ])
+
+
+def _read_parts(paths: Iterable[str]) -> pl.DataFrame:
+    tables = [storage.read_table(p) for p in paths]
+    if not tables:
+        return pl.DataFrame(schema=POLARS_SCHEMA)
+    table = pa.concat_tables([t.cast(SCHEMA) for t in tables])
+    return pl.from_arrow(table)  # type: ignore[return-value]
+
+
+def read_journal(run_dir: str) -> pl.DataFrame:
+    """Every recorded row, including repeats (the raw journal plus the consolidated ledger)."""
+    paths = storage.list_files(ledger_dir(run_dir), ".parquet")
+    consolidated = ledger_file(run_dir)
+    if storage.exists(consolidated):
+        paths = [consolidated, *paths]
+    return _read_parts(paths)
+
+
+def latest(journal: pl.DataFrame) -> pl.DataFrame:
+    """One row per id: the most recent outcome (a later run's `sent` beats an earlier `failed`)."""
+    if journal.height == 0:
+        return journal
+    return (journal
+            .sort(["id", pl.col("finished_at").fill_null(pl.datetime(1970, 1, 1, time_zone="UTC"))])
+            .unique(subset="id", keep="last", maintain_order=True)
+            .sort("id"))
+
+
+def read_ledger(run_dir: str) -> pl.DataFrame:
+    """The ledger as it stands: one row per recipient recorded so far."""
+    return latest(read_journal(run_dir))
+
+
+def done_ids(run_dir: str, *, retry_failed: bool = False) -> pl.DataFrame:
+    """Ids whose outcome is final, for the resume anti-join."""
+    ledger = read_ledger(run_dir)
+    statuses = [s for s in FINAL_STATUSES if not (retry_failed and s == FAILED)]
+    return ledger.filter(pl.col("status").is_in(statuses)).select("id")
+
+
+def recorded_ids(run_dir: str, ids: list[int]) -> set[int]:
+    """Which of `ids` already have a final outcome recorded (used when a batch is retried)."""
+    if not ids:
+        return set()
+    journal = read_journal(run_dir)
+    found = journal.filter(pl.col("id").is_in(ids) & pl.col("status").is_in(FINAL_STATUSES))
+    return set(found["id"].to_list())
+
+
+def consolidate(run_dir: str) -> pl.DataFrame:
+    """Fold the journal into `ledger.parquet` (one row per recipient) and remove absorbed parts."""
+    parts = storage.list_files(ledger_dir(run_dir), ".parquet")
+    consolidated = ledger_file(run_dir)
+    had_file = storage.exists(consolidated)
+    frames = _read_parts([consolidated, *parts] if had_file else parts)
+    ledger = latest(frames)
+    if parts or not had_file:
+        storage.makedirs(run_dir)
+        storage.write_table(ledger.to_arrow().cast(SCHEMA), consolidated)
+        for p in parts:  # only after ledger.parquet holds their rows
+            storage.delete_file(p)
+    return ledger
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"

@@ -1,0 +1,188 @@
+"""The run's report: counts that reconcile with the input, stage times, throughput, efficiency
+against the ideal, latency percentiles. Plain functions over polars frames; no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import polars as pl
+
+from . import storage
+from .config import SendConfig
+from .ledger import DUPLICATE, FAILED, INVALID, SENT, SUPPRESSED
+from .recipients import Loaded
+
+Report = dict[str, Any]
+STAGE_ORDER = ("load", "ray_start", "partition", "send", "ledger", "report", "render")
+
+
+def send_window(rows: pl.DataFrame) -> tuple[float | None, float | None]:
+    """First start and last end (epoch seconds) of the rows actually sent or tried."""
+    tried = rows.filter(pl.col("started_at").is_not_null())
+    if tried.height == 0:
+        return None, None
+    first = tried["started_at"].min()
+    last = tried["finished_at"].max()
+    return first.timestamp(), last.timestamp()  # type: ignore[union-attr]
+
+
+def efficiency(rows: pl.DataFrame, send: SendConfig) -> dict[str, Any]:
+    """Throughput and efficiency from the ledger's own timestamps (first start → last end).
+
+    ideal = attempts × latency / (actors × concurrency per actor); efficiency = ideal / measured.
+    """
+    first, last = send_window(rows)
+    tried = rows.filter(pl.col("started_at").is_not_null())
+    attempts = int(tried["attempts"].sum() or 0)
+    if first is None or last is None or last <= first:
+        return {"window_s": 0.0, "emails_per_s": 0.0, "ideal_s": 0.0, "efficiency": None,
+                "attempts": attempts}
+    window = last - first
+    ideal = attempts * send.latency / send.total_concurrency if send.sender == "fake" else None
+    return {
+        "window_s": round(window, 3),
+        "emails_per_s": round(tried.height / window, 1),
+        "attempts": attempts,
+        "ideal_s": None if ideal is None else round(ideal, 3),
+        "efficiency": None if ideal is None else round(ideal / window, 4),
+        "ideal_emails_per_s": round(send.total_concurrency / send.latency, 1)
+        if send.latency else None,
+    }
+
+
+def latency(rows: pl.DataFrame) -> dict[str, float | None]:
+    lat = rows["latency_s"].drop_nulls()
+    if lat.len() == 0:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    out: dict[str, float | None] = {
+        f"p{q}": round(float(lat.quantile(q / 100, "linear") or 0.0), 4) for q in (50, 95, 99)}
+    out["max"] = round(float(lat.max() or 0.0), 4)  # type: ignore[arg-type]
+    return out
+
+
+def status_counts(frame: pl.DataFrame) -> dict[str, int]:
+    counts = {s: 0 for s in (SENT, FAILED, INVALID, DUPLICATE, SUPPRESSED)}
+    for row in frame.group_by("status").len().iter_rows():
+        counts[str(row[0])] = int(row[1])
+    return counts
+
+
+def build(*, campaign: str, run_id: str, run_dir: str, input: str, send: SendConfig,
+          batch_size: int, loaded: Loaded, this_run: pl.DataFrame, ledger: pl.DataFrame,
+          stages: dict[str, float], ray_stats: list[dict[str, Any]], totals: dict[str, int],
+          started_at: float, interrupted: bool) -> Report:
+    run_latest = this_run.sort("finished_at").unique("id", keep="last")
+    run_counts = status_counts(run_latest)
+    not_sent = loaded.to_send.height - run_counts[SENT] - run_counts[FAILED]
+    accounted = (sum(run_counts.values()) + loaded.already_done + not_sent)
+    repeated = this_run.filter(pl.col("status") == SENT).height - run_latest.filter(
+        pl.col("status") == SENT).height
+    sent_rows = run_latest.filter(pl.col("status").is_in([SENT, FAILED]))
+    return {
+        "campaign": campaign,
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "input": input,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        "interrupted": interrupted,
+        "config": {
+            "mode": send.mode, "sender": send.sender, "actors": send.actors,
+            "concurrency_per_actor": send.concurrency, "total_concurrency": send.total_concurrency,
+            "latency_s": send.latency, "max_attempts": send.retry.max_attempts,
+            "batch_size": batch_size, "rate": send.rate,
+        },
+        "counts": {
+            "input_rows": loaded.input_rows,
+            "already_done": loaded.already_done,
+            **run_counts,
+            "not_sent": not_sent,
+            "reconciled": accounted == loaded.input_rows,
+        },
+        "campaign_counts": status_counts(ledger),
+        "stages_s": {k: round(stages[k], 3) for k in STAGE_ORDER if k in stages},
+        "total_s": round(time.time() - started_at, 3),
+        "send": efficiency(sent_rows, send) | {
+            "retries": int(sent_rows["attempts"].sum() or 0) - sent_rows.height,
+            "repeated_records": repeated, "crashed_batches": totals.get("crashed", 0)},
+        "latency_s": latency(sent_rows),
+        "ray_data": ray_stats,
+    }
+
+
+def build_dry_run(plan: Any, loaded: Loaded, stages: dict[str, float], written: int) -> Report:
+    return {"campaign": plan.campaign, "run_dir": plan.run_dir, "dry_run": written,
+            "counts": {"input_rows": loaded.input_rows, "already_done": loaded.already_done,
+                       **loaded.counts},
+            "stages_s": {k: round(v, 3) for k, v in stages.items()}}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def summary_rows(rep: Report) -> list[tuple[str, str]]:
+    """The summary as (label, value) rows, shared by the terminal table and report.md."""
+    c, s, lat = rep["counts"], rep["send"], rep["latency_s"]
+    cfg = rep["config"]
+    rows = [
+        ("campaign", rep["campaign"]),
+        ("mode", f"{cfg['mode']} · {cfg['actors']} actors × {cfg['concurrency_per_actor']} "
+                 f"= {cfg['total_concurrency']} concurrent · sender {cfg['sender']} "
+                 f"· latency {cfg['latency_s']} s"),
+        ("input rows", _fmt(c["input_rows"])),
+        ("already done (resume)", _fmt(c["already_done"])),
+        ("sent", _fmt(c[SENT])), ("failed", _fmt(c[FAILED])), ("invalid", _fmt(c[INVALID])),
+        ("duplicate", _fmt(c[DUPLICATE])), ("suppressed", _fmt(c[SUPPRESSED])),
+        ("not sent (stopped)", _fmt(c["not_sent"])),
+        ("reconciled", "yes" if c["reconciled"] else "NO"),
+    ]
+    rows += [(f"stage {k} (s)", _fmt(v)) for k, v in rep["stages_s"].items()]
+    rows += [
+        ("total wall (s)", _fmt(rep["total_s"])),
+        ("send window (s)", _fmt(s["window_s"])),
+        ("emails/s", _fmt(s["emails_per_s"])),
+        ("efficiency vs ideal", "–" if s.get("efficiency") is None else f"{s['efficiency']:.3f}"),
+        ("retries", _fmt(s["retries"])),
+        ("latency p50/p95/p99 (s)", f"{_fmt(lat['p50'])} / {_fmt(lat['p95'])} / {_fmt(lat['p99'])}"),
+    ]
+    return rows
+
+
+def to_markdown(rep: Report, charts: list[str] | None = None) -> str:
+    lines = [f"# bulkmail report: {rep['campaign']}", "", f"Run `{rep['run_id']}` started "
+             f"{rep['started_at']}; input `{rep['input']}`.", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(rep)]
+    if rep.get("ray_data"):
+        lines += ["", "## Ray Data operators", "",
+                  "| operator | operator time (s) | task wall, sum (s) | task CPU, sum (s) | rows |",
+                  "|---|---|---|---|---|"]
+        for op in rep["ray_data"]:
+            wall = op.get("wall_time", {}).get("sum")
+            cpu = op.get("cpu_time", {}).get("sum")
+            rows = op.get("output_num_rows", {}).get("sum")
+            lines.append(f"| {op['operator']} | {_fmt(op.get('time_total_s'))} | {_fmt(wall)} | "
+                         f"{_fmt(cpu)} | {_fmt(rows)} |")
+    for chart in charts or []:
+        lines += ["", f"![{chart}]({chart})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_charts(rep: Report, this_run: pl.DataFrame, run_dir: str) -> list[str]:
+    """PNG charts beside report.md (file names relative to the run directory)."""
+    from .charts import write_charts as draw
+    return draw(rep, this_run, run_dir)
+
+
+def write(rep: Report, run_dir: str) -> None:
+    rep.setdefault("charts", [])
+    storage.write_text(storage.join(run_dir, "report.json"), json.dumps(rep, indent=2, default=str))
+    storage.write_text(storage.join(run_dir, "report.md"), to_markdown(rep, rep["charts"]))

@@ -1,0 +1,154 @@
+"""Paths and URIs (local, `s3://…`, any pyarrow filesystem) behind one small set of functions.
+
+Everything the pipeline reads or writes goes through here, so a run directory can live on a
+shared filesystem or in object storage on a cluster without the callers knowing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import uuid
+from functools import lru_cache
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "file://")
+
+
+def is_uri(path: str) -> bool:
+    return path.startswith(_URI_SCHEMES)
+
+
+def is_local(path: str) -> bool:
+    return not is_uri(path) or path.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+@lru_cache(maxsize=32)
+def _filesystem_for(uri_root: str) -> pafs.FileSystem:
+    if uri_root.startswith("s3://"):
+        # pyarrow reads AWS_* variables itself; AWS_ENDPOINT_URL points it at any
+        # S3-compatible server (MinIO, moto in tests).
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        kwargs: dict[str, object] = {}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            if endpoint.startswith("http://"):
+                kwargs["scheme"] = "http"
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs)
+    fs, _ = pafs.FileSystem.from_uri(uri_root)
+    return fs
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem for `path` and the path inside it."""
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    if path.startswith("file://"):
+        return pafs.LocalFileSystem(), path[len("file://"):]
+    scheme, rest = path.split("://", 1)
+    return _filesystem_for(f"{scheme}://"), rest
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return bool(fs.get_file_info(p).type != pafs.FileType.NotFound)
+
+
+def is_dir(path: str) -> bool:
+    fs, p = resolve(path)
+    return bool(fs.get_file_info(p).type == pafs.FileType.Directory)
+
+
+def makedirs(path: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def list_files(directory: str, suffix: str = "") -> list[str]:
+    """Files directly under `directory` (sorted, full paths in the caller's notation)."""
+    fs, p = resolve(directory)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    names = sorted(i.base_name for i in infos
+                   if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
+                   and not i.base_name.startswith((".", "_")))
+    return [join(directory, n) for n in names]
+
+
+def delete_file(path: str) -> None:
+    fs, p = resolve(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(p)
+
+
+def delete_dir(path: str) -> None:
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)
+
+
+def write_table(table: pa.Table, path: str) -> None:
+    """Write Parquet so that a reader never sees half a file.
+
+    Locally: write a hidden temporary beside it, then rename (atomic on POSIX), so a process
+    killed mid-write leaves either nothing or a whole file. Object stores publish whole
+    objects only, so they are written directly.
+    """
+    fs, p = resolve(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        directory, name = os.path.split(p)
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, p)
+    else:
+        pq.write_table(table, p, filesystem=fs, compression="zstd")
+
+
+def read_table(path: str) -> pa.Table:
+    fs, p = resolve(path)
+    return pq.read_table(p, filesystem=fs)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, p = resolve(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        directory, name = os.path.split(p)
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    else:
+        with fs.open_output_stream(p) as out:
+            out.write(data)
+
+
+def read_text(path: str) -> str:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return bytes(f.read()).decode()
+
+
+def open_bytes(path: str) -> io.BytesIO:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return io.BytesIO(bytes(f.read()))
