@@ -6,6 +6,7 @@ writer), work in `__call__(batch)`. It is handed to `map_batches` with an ActorP
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from . import ledger
+from . import ledger, ratelimit
 from .config import SendConfig
 from .engine import AsyncEngine, BatchCounts, Engine, ThreadEngine
 from .messages import Message, id_domain, message_id
@@ -54,6 +55,11 @@ class Coordinator:
         return sum(1 for n in self._attempts.values() if n > 1)
 
 
+# The global rate limit's one authority (ratelimit.py). Pinned to the driver's node by the
+# caller, like the Coordinator, and never restarted: its state is the schedule itself.
+RateLimiter = ray.remote(num_cpus=0, max_restarts=0)(ratelimit.SlotSchedule)
+
+
 def _summary(rows: int, counts: BatchCounts, skipped: int = 0, crashed: int = 0) -> pa.Table:
     return pa.table({
         "rows": [rows], "sent": [counts.sent], "failed": [counts.failed],
@@ -66,7 +72,7 @@ class SendBatches:
     """Sends each batch of recipients through one long-lived engine per actor."""
 
     def __init__(self, *, run_dir: str, campaign: str, run_id: str, config: SendConfig,
-                 coordinator: Any, fields: tuple[str, ...]) -> None:
+                 coordinator: Any, fields: tuple[str, ...], rate_limiter: Any = None) -> None:
         ctx = ray.get_runtime_context()
         # The pool names its actors (campaign.py); the id's leading hex is unique, its tail is
         # the job id.
@@ -82,8 +88,14 @@ class SendBatches:
         self.ledger = ledger.LedgerWriter(run_dir, writer=self.actor, node=self.node, run=run_id,
                                           flush_seconds=config.flush_seconds)
         sender = make_sender(config)
+        from .metrics import SendMetrics
+        self.metrics = SendMetrics(campaign=campaign, actor=self.actor, node=self.node)
+        self.limiter = _limiter(rate_limiter, config) if rate_limiter is not None else None
+        self._calls = 0  # batches under way in this actor (Ray Data runs two at a time)
+        self._calls_lock = threading.Lock()
         common: dict[str, Any] = dict(concurrency=config.concurrency, retry=config.retry,
-                                      ledger=self.ledger, seed=None)
+                                      ledger=self.ledger, seed=None, limiter=self.limiter,
+                                      observer=self.metrics)
         self.engine: Engine
         if config.mode == "async":
             assert isinstance(sender, AsyncSender), "this sender has no async path"
@@ -130,9 +142,24 @@ class SendBatches:
         if attempt > self.config.max_batch_attempts:
             return self._give_up(batch, skip, attempt)
         messages = self._messages(batch, skip)
-        counts = self.engine.run(messages)
+        counts = self._run(messages)
         self.ledger.flush()  # durable before Ray Data counts the batch as done
         return _summary(n, counts, skipped=len(skip), crashed=int(attempt > 1))
+
+    def _run(self, messages: list[Message]) -> BatchCounts:
+        """`engine.run`; when no other batch is under way here, the actor's work has run out
+        (Ray Data keeps two batches in flight while it has any), so rate slots it holds go
+        back to the schedule for the other actors instead of leaving a hole in the rate."""
+        with self._calls_lock:
+            self._calls += 1
+        try:
+            return self.engine.run(messages)
+        finally:
+            with self._calls_lock:
+                self._calls -= 1
+                idle = self._calls == 0
+            if idle and self.limiter is not None:
+                self.limiter.give_back()
 
     def _give_up(self, batch: pa.Table, skip: set[int], attempt: int) -> pa.Table:
         reason = (f"worker process died {attempt - 1} times while sending this batch; "
@@ -147,6 +174,26 @@ class SendBatches:
 
     def __del__(self) -> None:
         try:
+            self.metrics.close()
+        except Exception:  # noqa: BLE001
+            pass
+        try:
             self.ledger.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _limiter(schedule: Any, config: SendConfig) -> ratelimit.SlotLimiter:
+    """This actor's client of the global rate limit (the RateLimiter actor)."""
+    assert config.rate is not None
+    offset = ratelimit.estimate_offset(lambda: float(ray.get(schedule.now.remote())))
+    # One request may cover every waiting worker, or one second of the whole rate.
+    chunk = max(config.concurrency, math.ceil(config.rate))
+
+    def grant(n: int) -> ratelimit.Grant:
+        slots, retry_at = ray.get(schedule.grant.remote(n))
+        return list(slots), float(retry_at)
+
+    def release(slots: list[float]) -> None:
+        ray.get(schedule.release.remote(slots))
+    return ratelimit.SlotLimiter(grant, release=release, max_chunk=chunk, offset=offset)

@@ -62,6 +62,10 @@ class MessageConfig:
     subject: str = "Hello {{ name }}"
     template: str | None = None  # path to a plain-text body; a sibling .html makes it multipart
     unsubscribe_url: str | None = None
+    # The template files' text, read once by the driver (templates.with_bodies) so that sender
+    # actors on other nodes, or with another working directory, need no copy of the files.
+    body: str | None = None
+    html_body: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -100,13 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("SMTP (--sender smtp); the password comes only from "
                              "$BULKMAIL_SMTP_PASSWORD")
-    g.add_argument("--smtp-host", default="127.0.0.1")
-    g.add_argument("--smtp-port", type=int, default=25)
-    g.add_argument("--smtp-tls", choices=["none", "starttls", "ssl"], default="none")
-    g.add_argument("--smtp-user", default=None)
+    g.add_argument("--smtp-host", default="127.0.0.1", help="SMTP server host")
+    g.add_argument("--smtp-port", type=int, default=25, help="SMTP server port")
+    g.add_argument("--smtp-tls", choices=["none", "starttls", "ssl"], default="none",
+                   help="none: plain; starttls: upgrade after EHLO; ssl: TLS from the first byte")
+    g.add_argument("--smtp-user", default=None,
+                   help="AUTH user (the password is read from $BULKMAIL_SMTP_PASSWORD)")
     g.add_argument("--smtp-max-per-connection", type=int, default=100,
                    help="messages per connection before it is replaced")
-    g.add_argument("--smtp-timeout", type=float, default=30.0)
+    g.add_argument("--smtp-timeout", type=float, default=30.0,
+                   help="seconds before a silent SMTP server counts as a transient failure")
     g.add_argument("--smtp-ca-file", default=None, help="CA bundle to trust for TLS")
 
     g = p.add_argument_group("Ray and output")
@@ -163,10 +166,12 @@ class ProgressPrinter:
         pct = 100.0 * p.done / p.total if p.total else 100.0
         line = (f"sent {p.sent:,}  failed {p.failed:,}  retries {p.retries:,}  "
                 f"{p.done:,}/{p.total:,} ({pct:.1f}%)  {p.rate:,.0f} emails/s  ETA {eta}")
+        if p.abandoned:
+            line += f"  (stopping: {p.abandoned:,} left for the resume)"
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self.stream.flush()
-        elif now - self._last >= self.every or p.done >= p.total:
+        elif now - self._last >= self.every or p.done + p.abandoned >= p.total:
             self._last = now
             self.stream.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
             self.stream.flush()
@@ -237,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.write(f"bulkmail: error: {exc}\n")
         return EXIT_FAILED
     printer.end()
+    if "dry_run" in rep:  # nothing was sent: the info line already says where the .eml went
+        return EXIT_OK
     print_summary(rep, out)
     if not rep["counts"]["reconciled"]:
         err.write("bulkmail: counts do not reconcile with the input; see report.json\n")

@@ -34,18 +34,41 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+# Settings (never secrets) that decide where and how s3:// URIs are reached. The AWS SDK and
+# pyarrow read them from the environment; the driver forwards the ones it has to every sender
+# actor (campaign.py, as the actors' runtime_env), because an actor on another node does not
+# share the driver's environment. Credentials are not forwarded: a runtime_env is visible in the
+# dashboard and the job table, so each node finds its own (instance profile on AWS, or
+# ~/.aws/credentials / AWS_* variables set up on the node).
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+    # S3-compatible servers that do not take the SDK's default streamed checksums (moto's
+    # server, older MinIO) need "when_required" here.
+    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "AWS_EC2_METADATA_DISABLED",
+    # Names and paths, not secrets: which profile, in which files present on every node.
+    "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The storage settings of this process's environment, to hand to actors elsewhere."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
 @lru_cache(maxsize=32)
-def _filesystem_for(uri_root: str) -> pafs.FileSystem:
+def _filesystem_for(uri_root: str, settings: tuple[tuple[str, str], ...]) -> pafs.FileSystem:
     if uri_root.startswith("s3://"):
-        # pyarrow reads AWS_* variables itself; AWS_ENDPOINT_URL points it at any
-        # S3-compatible server (MinIO, moto in tests).
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        # pyarrow reads credentials from the AWS_* variables itself; AWS_ENDPOINT_URL points it
+        # at any S3-compatible server (MinIO, moto in tests).
+        env = dict(settings)
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         kwargs: dict[str, object] = {}
         if endpoint:
             kwargs["endpoint_override"] = endpoint
             if endpoint.startswith("http://"):
                 kwargs["scheme"] = "http"
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
         return pafs.S3FileSystem(**kwargs)
@@ -60,7 +83,8 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     if path.startswith("file://"):
         return pafs.LocalFileSystem(), path[len("file://"):]
     scheme, rest = path.split("://", 1)
-    return _filesystem_for(f"{scheme}://"), rest
+    # Keyed on the settings too: a changed endpoint (a test's own server) gets its own client.
+    return _filesystem_for(f"{scheme}://", tuple(sorted(forwarded_env().items()))), rest
 
 
 def exists(path: str) -> bool:

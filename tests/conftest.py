@@ -27,7 +27,8 @@ def ray_session() -> Iterator[None]:
     """Ray starts once per session (3-5 s each time on this machine, RAY-NOTES.md)."""
     import ray
     # 8 logical CPUs on 2 cores: sender actors are I/O-bound and ask for 0.25 each.
-    ray.init(num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
+    # address="local": without it ray.init joins a Ray already running here (another run's).
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
     yield

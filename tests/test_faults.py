@@ -17,6 +17,7 @@ import polars as pl
 import psutil
 import pytest
 
+from pipeline import ledger
 from pipeline.campaign import run_campaign
 from pipeline.config import RetryPolicy
 from pipeline.senders import fake_outcome
@@ -162,6 +163,35 @@ def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
     sends = send_log(log)
     # A graceful stop lets in-flight sends finish and flushes them: nothing is sent twice.
     assert len(sends) == rows and sends.n_unique() == rows
+
+
+@pytest.mark.slow
+def test_second_signal_exits_at_once_and_ledger_stays_readable(tmp_path: Path) -> None:
+    rows, actors, threads, latency = 3000, 2, 10, 0.05
+    write_recipients(tmp_path / "in.parquet", rows)
+    log = tmp_path / "sends.log"
+    args = common_args(log, "--actors", str(actors), "--threads-per-actor", str(threads),
+                       "--latency", str(latency))
+    proc = start_cli(tmp_path, *args)
+    wait_for_sends(log, 400, proc)
+    proc.send_signal(signal.SIGTERM)  # the first: a graceful stop begins
+    time.sleep(0.2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)  # the second: out now
+    out, err = proc.communicate(timeout=30)
+    assert time.time() - t0 < 5
+    assert proc.returncode == 130, err
+    assert "second signal" in err and "Traceback" not in err
+    # No consolidated ledger was written, but every flushed part is whole and readable.
+    journal = ledger.read_ledger(str(tmp_path / "runs/c"))
+    assert journal.height > 0 and journal["id"].is_unique().all()
+    time.sleep(2)  # senders of the abandoned run are gone
+    done = cli(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_exactly_once(tmp_path, rows)
+    sends = send_log(log)
+    assert set(sends.to_list()) == set(range(rows))
+    assert len(sends) - rows <= repeat_bound(actors, threads, latency)
 
 
 @pytest.mark.slow

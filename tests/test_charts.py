@@ -1,0 +1,111 @@
+"""Charts beside report.md: produced, real PNGs, drawn from the ledger, never failing a run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline import charts, ledger
+from pipeline.campaign import run_campaign
+
+from .conftest import campaign, write_recipients
+
+PNG = b"\x89PNG\r\n\x1a\n"
+NAMES = ["throughput.png", "in_flight.png", "latency.png", "stages.png"]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG, path
+    assert len(data) > 2000, path  # a drawn chart, not an empty canvas
+
+
+def journal(tmp_path: Path, rows: list[tuple[int, str, int, float, float, float]]) -> pl.DataFrame:
+    """A real ledger journal written by LedgerWriter: (id, status, attempts, start, end, latency)."""
+    w = ledger.LedgerWriter(str(tmp_path), writer="a", node="n", run="r", flush_seconds=0)
+    for rid, status, attempts, start, end, lat in rows:
+        w.record(rid, f"u{rid}@example.com", status, attempts, None if status == "sent" else "421",
+                 start, end, lat, f"<c.{rid}@x>")
+    w.close()
+    return ledger.read_journal(str(tmp_path))
+
+
+def report(concurrency: int = 4, latency: float = 0.5) -> dict[str, object]:
+    return {"config": {"total_concurrency": concurrency, "latency_s": latency},
+            "latency_s": {"p50": 0.5, "p99": 0.6},
+            "stages_s": {"load": 0.2, "ray_start": 3.0, "send": 5.0, "ledger": 0.3}}
+
+
+def test_every_chart_written_as_png(tmp_path: Path) -> None:
+    t0 = time.time()
+    rows = [(i, "sent" if i % 5 else "failed", 1 + (i % 3 == 0), t0 + i * 0.01,
+             t0 + i * 0.01 + 0.5, 0.5) for i in range(400)]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rep = report()
+    names = charts.write_charts(rep, journal(tmp_path / "j", rows), str(run_dir))
+    assert names == NAMES
+    for n in names:
+        assert_png(run_dir / n)
+    assert "chart_errors" not in rep
+
+
+def test_in_flight_counts_overlapping_sends_and_only_the_last_attempt(tmp_path: Path) -> None:
+    t0 = 1_000_000.0
+    frame = journal(tmp_path, [
+        (1, "sent", 1, t0, t0 + 1.0, 1.0),
+        (2, "sent", 1, t0 + 0.5, t0 + 1.5, 1.0),
+        # Retried: first started at t0, last attempt took 0.2 s and ended at t0 + 3. The backoff
+        # in between held no slot, so it is in flight only from t0 + 2.8.
+        (3, "sent", 2, t0, t0 + 3.0, 0.2),
+    ])
+    windows = charts.attempt_windows(frame)
+    t, level = charts.in_flight_levels(windows, t0, samples=301)  # every 0.01 s
+    at = {round(float(x), 2): int(v) for x, v in zip(t, level, strict=True)}
+    assert at[0.25] == 1 and at[0.75] == 2 and at[1.25] == 1
+    assert at[2.0] == 0 and at[2.9] == 1
+    assert int(level.max()) == 2
+
+
+def test_a_broken_chart_is_reported_and_the_others_still_written(tmp_path: Path) -> None:
+    t0 = time.time()
+    frame = journal(tmp_path / "j", [(i, "sent", 1, t0, t0 + 0.1, 0.1) for i in range(10)])
+    rep = report()
+    rep["stages_s"] = {"load": "not a number"}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    names = charts.write_charts(rep, frame, str(run_dir))
+    assert names == NAMES[:3]
+    assert any(e.startswith("stages:") for e in rep["chart_errors"])  # type: ignore[union-attr]
+
+
+def test_unwritable_run_dir_and_bad_frame_never_raise(tmp_path: Path) -> None:
+    rep = report()
+    assert charts.write_charts(rep, pl.DataFrame({"x": [1]}), str(tmp_path / "missing")) == []
+    assert len(rep["chart_errors"]) >= 2  # type: ignore[arg-type]
+
+
+def test_no_sends_gives_only_the_stage_chart(tmp_path: Path) -> None:
+    empty = pl.DataFrame(schema=ledger.POLARS_SCHEMA)
+    names = charts.write_charts(report(), empty, str(tmp_path))
+    assert names == ["stages.png"]
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("mode", ["threads", "async"])
+def test_run_writes_charts_beside_report_and_links_them(tmp_path: Path, mode: str) -> None:
+    path = write_recipients(tmp_path / "in.parquet", 1200)
+    rep = run_campaign(campaign(tmp_path, path, charts=True, mode=mode, concurrency_per_actor=20,
+                                fail_rate=0.1, seed=3))
+    run_dir = tmp_path / "runs" / "test"
+    assert rep["charts"] == NAMES
+    saved = json.loads((run_dir / "report.json").read_text())
+    assert saved["charts"] == NAMES and "chart_errors" not in saved
+    md = (run_dir / "report.md").read_text()
+    for n in NAMES:
+        assert_png(run_dir / n)
+        assert f"![{n}]({n})" in md

@@ -1,0 +1,120 @@
+"""Every file and flag mistake through the real CLI: exit code 2, one line on stderr naming the
+file, column or flag, no traceback, nothing written, and Ray never even imported.
+
+Each case runs `python -m pipeline.run` in a fresh empty directory with a stand-in `ray`
+package first on PYTHONPATH that exits loudly if imported: an error found after Ray is
+imported (let alone started) fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline import recipients
+
+from .conftest import cli
+
+RAY_TRAP = "ray was imported before the error was found"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("inputs")
+    trap = d / "fake-ray" / "ray"
+    trap.mkdir(parents=True)
+    (trap / "__init__.py").write_text(f"raise SystemExit({RAY_TRAP!r})\n")
+    good = d / "good.parquet"
+    recipients.generate(200, seed=1).write_parquet(good, compression="zstd")
+    raw = good.read_bytes()
+    (d / "truncated.parquet").write_bytes(raw[: len(raw) // 2])
+    footer = int.from_bytes(raw[-8:-4], "little")
+    pages = bytearray(raw)
+    for i in range(64, len(raw) - 8 - footer - 64, 7):  # the footer (schema) stays readable
+        pages[i] ^= 0x5A
+    (d / "pages.parquet").write_bytes(bytes(pages))
+    (d / "renamed.parquet").write_text("id,email\n1,a@example.com\n")
+    (d / "nodata").mkdir()
+    (d / "nodata" / "recipients.csv").write_text("id,email\n")
+    pl.DataFrame({"id": [1, 2], "mail": ["a@x.com", "b@x.com"]}).write_parquet(d / "noemail.parquet")
+    pl.DataFrame({"id": [1, 2], "email": [1, 2]}).write_parquet(d / "intemail.parquet")
+    pl.DataFrame({"id": [5, 5], "email": ["a@x.com", "b@x.com"], "name": ["A", "B"]}).write_parquet(
+        d / "dupids.parquet")
+    recipients.generate(0).write_parquet(d / "empty.parquet")
+    return {p.stem: p for p in d.iterdir()} | {"trap": trap.parent}
+
+
+Case = tuple[Callable[[dict[str, Path]], list[str]], str]
+GOOD: Callable[[dict[str, Path]], list[str]] = lambda f: ["--input", str(f["good"])]  # noqa: E731
+
+CASES: dict[str, Case] = {
+    "missing path": (lambda f: ["--input", str(f["good"].parent / "nope.parquet")],
+                     "nope.parquet: no such file or directory"),
+    "directory without parquet": (lambda f: ["--input", str(f["nodata"])],
+                                  "nodata: the directory holds no .parquet files"),
+    "csv renamed .parquet": (lambda f: ["--input", str(f["renamed"])],
+                             "renamed.parquet: not a readable Parquet file"),
+    "truncated parquet": (lambda f: ["--input", str(f["truncated"])],
+                          "truncated.parquet: not a readable Parquet file"),
+    "corrupt data pages": (lambda f: ["--input", str(f["pages"])],
+                           "pages.parquet: cannot read the recipients"),
+    "no email column": (lambda f: ["--input", str(f["noemail"])],
+                        "no 'email' column (columns found: id, mail)"),
+    "email not text": (lambda f: ["--input", str(f["intemail"])],
+                       "column 'email' must be text, found Int64"),
+    "ids repeat with different addresses": (lambda f: ["--input", str(f["dupids"])],
+                                            "column 'id' repeats"),
+    "actors zero": (lambda f: [*GOOD(f), "--actors", "0"], "--actors must be at least 1"),
+    "actors negative": (lambda f: [*GOOD(f), "--actors=-3"], "--actors must be at least 1"),
+    "threads zero": (lambda f: [*GOOD(f), "--threads-per-actor", "0"],
+                     "--threads-per-actor must be at least 1"),
+    "max attempts zero": (lambda f: [*GOOD(f), "--max-attempts", "0"],
+                          "--max-attempts must be at least 1"),
+    "actors not a number": (lambda f: [*GOOD(f), "--actors", "many"], "--actors"),
+    "negative latency": (lambda f: [*GOOD(f), "--latency=-0.5"], "--latency must not be negative"),
+    "fail rate above 1": (lambda f: [*GOOD(f), "--fail-rate", "1.5"], "--fail-rate must be within [0, 1]"),
+    "fail rate below 0": (lambda f: [*GOOD(f), "--fail-rate=-0.1"], "--fail-rate must be within [0, 1]"),
+    "unknown flag": (lambda f: [*GOOD(f), "--bogus", "1"], "unrecognized arguments: --bogus"),
+    "campaign escapes runs": (lambda f: [*GOOD(f), "--campaign", "../x"], "--campaign '../x'"),
+    "campaign absolute": (lambda f: [*GOOD(f), "--campaign", "/tmp/x"], "--campaign '/tmp/x'"),
+    # Tests run as root, for whom chmod stops nothing: a path through a regular file fails for all.
+    "runs dir under a file": (lambda f: [*GOOD(f), "--runs-dir", "somefile/runs"],
+                              "--runs-dir somefile/runs: not a writable directory"),
+    "runs dir is a file": (lambda f: [*GOOD(f), "--runs-dir", "somefile"],
+                           "--runs-dir somefile: not a writable directory"),
+    "suppress file missing": (lambda f: [*GOOD(f), "--suppress", "unsub.txt"],
+                              "--suppress unsub.txt: no such file"),
+    "suppress without email column": (lambda f: [*GOOD(f), "--suppress", str(f["noemail"])],
+                                      "no 'email' column"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_error_is_one_line_exit_2_nothing_written(case: str, files: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    make_args, expected = CASES[case]
+    (tmp_path / "somefile").write_text("a regular file\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = cli(*make_args(files), "--no-dashboard", "--no-charts", cwd=tmp_path,
+              env={"PYTHONPATH": str(files["trap"])}, timeout=60)
+    assert RAY_TRAP not in res.stderr, res.stderr
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("bulkmail: error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in res.stderr and res.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no runs/, no data/
+    assert (tmp_path / "somefile").read_text() == "a regular file\n"
+
+
+def test_zero_rows_is_not_an_error(files: dict[str, Path], tmp_path: Path) -> None:
+    # An empty list needs no cluster: the run ends cleanly without importing Ray.
+    res = cli("--input", str(files["empty"]), "--campaign", "c", "--no-dashboard", "--no-charts",
+              cwd=tmp_path, env={"PYTHONPATH": str(files["trap"])}, timeout=60)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((tmp_path / "runs" / "c" / "report.json").read_text())
+    assert rep["counts"]["input_rows"] == 0 and rep["counts"]["reconciled"]

@@ -1,0 +1,97 @@
+"""The ledger as plain functions over Parquet files: journal, consolidation, crash windows."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+
+from pipeline import ledger
+
+
+def writer(tmp_path: Path, name: str = "a", run: str = "r1") -> ledger.LedgerWriter:
+    return ledger.LedgerWriter(str(tmp_path), writer=name, node="node-1", run=run, flush_seconds=0)
+
+
+def test_parts_hold_every_column_and_consolidate_to_one_row_per_id(tmp_path: Path) -> None:
+    w = writer(tmp_path)
+    now = time.time()
+    for i in range(5):
+        w.record(i, f"u{i}@x.org", "sent", 1, None, now, now + 0.5, 0.5, f"<c.{i}@x.org>")
+    assert w.flush() == 5
+    w.record(9, "u9@x.org", "failed", 3, "421 busy", now, now + 2, 0.5, "<c.9@x.org>")
+    assert w.flush() == 1 and w.flush() == 0  # nothing buffered: no empty part
+    parts = sorted((tmp_path / "ledger").glob("part-*.parquet"))
+    assert len(parts) == 2
+    journal = ledger.read_journal(str(tmp_path))
+    assert journal.schema == ledger.POLARS_SCHEMA
+    row = journal.filter(pl.col("id") == 9).row(0, named=True)
+    assert (row["status"], row["attempts"], row["error"], row["actor"], row["node"], row["run"]) == (
+        "failed", 3, "421 busy", "a", "node-1", "r1")
+    assert abs(row["finished_at"].timestamp() - (now + 2)) < 1e-3
+
+    led = ledger.consolidate(str(tmp_path))
+    assert led.height == 6 and led["id"].is_unique().all()
+    assert not list((tmp_path / "ledger").glob("part-*.parquet"))  # absorbed
+    assert pl.read_parquet(tmp_path / "ledger.parquet").height == 6
+
+
+def test_latest_outcome_wins_and_done_ids_follow_retry_failed(tmp_path: Path) -> None:
+    now = time.time()
+    w1 = writer(tmp_path, "a", "r1")
+    w1.record(1, "a@x.org", "failed", 3, "421", now, now + 1, 0.1, None)
+    w1.record(2, "b@x.org", "sent", 1, None, now, now + 1, 0.1, None)
+    w1.flush()
+    assert ledger.done_ids(str(tmp_path))["id"].to_list() == [1, 2]
+    assert ledger.done_ids(str(tmp_path), retry_failed=True)["id"].to_list() == [2]
+    w2 = writer(tmp_path, "b", "r2")
+    w2.record(1, "a@x.org", "sent", 1, None, now + 5, now + 6, 0.1, None)
+    w2.flush()
+    led = ledger.read_ledger(str(tmp_path))
+    assert led.filter(pl.col("id") == 1)["status"].to_list() == ["sent"]
+
+
+def test_crash_between_consolidate_and_part_deletion_double_counts_nothing(tmp_path: Path) -> None:
+    w = writer(tmp_path)
+    now = time.time()
+    for i in range(3):
+        w.record(i, f"u{i}@x.org", "sent", 1, None, now, now + 1, 1.0, None)
+    w.flush()
+    (part,) = (tmp_path / "ledger").glob("part-*.parquet")
+    saved = tmp_path / "saved.parquet"
+    shutil.copy(part, saved)
+    ledger.consolidate(str(tmp_path))
+    shutil.copy(saved, part)  # as if the process died before deleting the absorbed part
+    assert ledger.read_ledger(str(tmp_path)).height == 3
+    assert ledger.consolidate(str(tmp_path)).height == 3
+
+
+def test_leftover_temp_file_from_a_killed_write_is_ignored(tmp_path: Path) -> None:
+    w = writer(tmp_path)
+    w.record(1, "a@x.org", "sent", 1, None, 1.0, 2.0, 1.0, None)
+    w.flush()
+    (tmp_path / "ledger" / ".part-a-xyz-000009.parquet.1234.tmp").write_bytes(b"PAR1 half a file")
+    assert ledger.read_ledger(str(tmp_path))["id"].to_list() == [1]
+
+
+def test_rows_settled_at_load_are_written_with_the_ledger_schema(tmp_path: Path) -> None:
+    frame = pl.DataFrame({"id": [7], "email": ["bad"], "status": ["invalid"], "attempts": [0],
+                          "error": ["no @ in address"], "duplicate_of": [None], "run": ["r1"]})
+    ledger.write_frame(str(tmp_path), frame, name="load-r1")
+    led = ledger.read_ledger(str(tmp_path))
+    assert led.schema == ledger.POLARS_SCHEMA
+    assert led.row(0, named=True)["error"] == "no @ in address"
+    ledger.write_frame(str(tmp_path), frame.clear(), name="load-empty")  # no empty file
+    assert not (tmp_path / "ledger" / "load-empty.parquet").exists()
+
+
+def test_periodic_flush_writes_without_being_asked(tmp_path: Path) -> None:
+    w = ledger.LedgerWriter(str(tmp_path), writer="p", node="n", run="r", flush_seconds=0.05)
+    w.record(1, "a@x.org", "sent", 1, None, 1.0, 2.0, 1.0, None)
+    deadline = time.time() + 5
+    while time.time() < deadline and not list((tmp_path / "ledger").glob("part-p-*.parquet")):
+        time.sleep(0.02)
+    w.close()
+    assert ledger.read_journal(str(tmp_path))["id"].to_list() == [1]

@@ -1,0 +1,139 @@
+"""The global rate limit (--rate): the slot schedule alone, then whole runs on real Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline.campaign import run_campaign
+from pipeline.ratelimit import SlotLimiter, SlotSchedule
+
+from .conftest import campaign, read_ledger, write_recipients
+
+
+def test_schedule_grants_each_slot_once_spaced_and_ahead() -> None:
+    now = [1000.0]
+    s = SlotSchedule(100, lead=0.05, horizon=1.0, clock=lambda: now[0])
+    a, _ = s.grant(10)
+    b, _ = s.grant(5)
+    assert a == pytest.approx([1000.05 + i * 0.01 for i in range(10)])
+    assert b == pytest.approx([1000.15 + i * 0.01 for i in range(5)])  # right after a
+    # Nothing beyond the horizon: 1 s at 100/s is 100 slots; 15 are out, 0.05 s is lead.
+    c, _ = s.grant(500)
+    assert len(c) == 100 - 15 - 5
+    full, retry_at = s.grant(1)
+    assert full == [] and retry_at > now[0]
+    now[0] = retry_at
+    assert len(s.grant(1)[0]) == 1
+    # Given-back slots go to the next asker first, unless too close to be delivered in time.
+    s.release([1000.20, 1000.21, 1000.50])
+    now[0] = 1000.3
+    again, _ = s.grant(1)
+    assert again == [pytest.approx(1000.50)]
+    # After a quiet spell slots start from now (plus lead), not in the past.
+    now[0] += 60
+    assert s.grant(3)[0][0] == pytest.approx(now[0] + 0.05)
+    granted = a + b + c
+    assert len(set(granted)) == len(granted)
+
+
+def _starts_per_window(starts: list[float]) -> list[int]:
+    t0 = starts[0]
+    full = int(starts[-1] - t0)
+    return [sum(1 for t in starts if t0 + i <= t < t0 + i + 1) for i in range(1, full)]
+
+
+def test_limiter_paces_threads_and_coroutines_of_several_actors() -> None:
+    schedule = SlotSchedule(400)
+    lock = threading.Lock()
+    calls = [0]
+
+    def grant(n: int) -> tuple[list[float], float]:
+        with lock:  # the actor handles one call at a time
+            calls[0] += 1
+            time.sleep(0.002)  # a round trip
+            return schedule.grant(n)
+
+    def release(slots: list[float]) -> None:
+        with lock:
+            schedule.release(slots)
+    starts: list[float] = []
+    limiters = [SlotLimiter(grant, release=release, max_chunk=40) for _ in range(3)]
+
+    def worker(limiter: SlotLimiter) -> None:
+        for _ in range(30):
+            limiter.wait()
+            starts.append(time.time())
+            time.sleep(0.01)
+
+    async def coroutines(limiter: SlotLimiter) -> None:
+        async def one() -> None:
+            for _ in range(30):
+                await limiter.await_turn()
+                starts.append(time.time())
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*(one() for _ in range(20)))
+
+    threads = [threading.Thread(target=worker, args=(limiters[i % 2],)) for i in range(40)]
+    threads.append(threading.Thread(target=asyncio.run, args=(coroutines(limiters[2]),)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    starts.sort()
+    assert len(starts) == 40 * 30 + 20 * 30
+    windows = _starts_per_window(starts)
+    assert len(windows) >= 3
+    assert all(360 <= w <= 440 for w in windows), windows
+    # Slots come in chunks: far fewer round trips than emails.
+    assert calls[0] < len(starts) / 5
+
+
+def test_cancel_wakes_waiters_at_once() -> None:
+    schedule = SlotSchedule(1, horizon=100)  # one slot a second: everybody waits
+    limiter = SlotLimiter(schedule.grant, max_chunk=100)
+    done: list[float] = []
+
+    def worker() -> None:
+        limiter.wait()
+        done.append(time.time())
+    threads = [threading.Thread(target=worker) for _ in range(10)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    t0 = time.time()
+    limiter.cancel()
+    for t in threads:
+        t.join(timeout=5)
+    assert len(done) == 10 and max(done) - t0 < 0.5
+
+
+def _check_rate(led: pl.DataFrame, rate: float) -> list[int]:
+    starts = sorted(t.timestamp() for t in led["started_at"].to_list())
+    windows = _starts_per_window(starts)
+    low, high = rate * 0.9, rate * 1.1
+    assert all(low <= w <= high for w in windows), f"per-second counts {windows}"
+    overall = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert overall == pytest.approx(rate, rel=0.02)
+    return windows
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("actors", [1, 4])
+def test_rate_200_holds_in_every_second_with_one_or_four_actors(tmp_path: Path, actors: int) -> None:
+    rate, seconds = 200, 20
+    path = write_recipients(tmp_path / "in.parquet", rate * seconds)
+    # Without the limit these actors would send 1,000/s each (20 threads at 0.02 s).
+    rep = run_campaign(campaign(tmp_path, path, actors=actors, threads_per_actor=20,
+                                latency=0.02, rate=rate))
+    led = read_ledger(tmp_path)
+    assert led.height == rate * seconds and (led["status"] == "sent").all()
+    windows = _check_rate(led, rate)
+    assert len(windows) >= seconds - 3
+    assert led["actor"].n_unique() == actors
+    assert rep["config"]["rate"] == rate
