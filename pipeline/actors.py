@@ -6,19 +6,22 @@ writer), work in `__call__(batch)`. It is handed to `map_batches` with an ActorP
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from . import ledger, ratelimit
 from .config import SendConfig
 from .engine import AsyncEngine, BatchCounts, Engine, ThreadEngine
-from .messages import Message, id_domain, message_id
+from .messages import Message, id_domain
 from .senders import AsyncSender, Sender, make_sender
 
 SUMMARY_SCHEMA = pa.schema([
@@ -66,6 +69,45 @@ def _summary(rows: int, counts: BatchCounts, skipped: int = 0, crashed: int = 0)
         "abandoned": [counts.abandoned], "skipped": [skipped], "attempts": [counts.attempts],
         "retries": [counts.retries], "crashed": [crashed], "finished_at": [time.time()],
     }, schema=SUMMARY_SCHEMA)
+
+
+class _Columns:
+    """A batch's template columns, each turned into Python values only when first read: the
+    fake sender never reads them, and SMTP reads every one once."""
+
+    __slots__ = ("_batch", "names", "_lists")
+
+    def __init__(self, batch: pa.Table, names: tuple[str, ...]) -> None:
+        self._batch = batch
+        self.names = names
+        self._lists: dict[str, list[Any]] = {}
+
+    def get(self, name: str, i: int) -> Any:
+        values = self._lists.get(name)
+        if values is None:  # two threads may both convert: same values, no harm
+            values = self._lists[name] = self._batch.column(name).to_pylist()
+        return values[i]
+
+
+class _RowFields(Mapping[str, Any]):
+    """One recipient's template fields (Message.fields), read from its batch's columns."""
+
+    __slots__ = ("_cols", "_i")
+
+    def __init__(self, cols: _Columns, i: int) -> None:
+        self._cols = cols
+        self._i = i
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._cols.names:
+            raise KeyError(name)
+        return self._cols.get(name, self._i)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._cols.names)
+
+    def __len__(self) -> int:
+        return len(self._cols.names)
 
 
 class SendBatches:
@@ -117,16 +159,18 @@ class SendBatches:
             time.sleep(0.25)
 
     def _messages(self, batch: pa.Table, skip: set[int]) -> list[Message]:
-        ids = batch.column("id").to_pylist()
-        emails = batch.column("email").to_pylist()
-        cols = {f: batch.column(f).to_pylist() for f in self.fields if f in batch.column_names}
-        out = []
-        for i, (rid, email) in enumerate(zip(ids, emails, strict=True)):
-            if rid in skip:
-                continue
-            out.append(Message(rid, email, message_id(self.campaign, rid, self.domain),
-                               {f: v[i] for f, v in cols.items()}))
-        return out
+        # Vectorised over the batch: building each Message with a per-row f-string and a
+        # fields dict was a third of an actor's CPU at 60,000 emails/s (py-spy).
+        if skip:
+            batch = batch.filter(pc.invert(pc.is_in(batch.column("id"),
+                                                    value_set=pa.array(sorted(skip), pa.int64()))))
+        id_col = batch.column("id")
+        # The same text as messages.message_id(campaign, id, domain), built by Arrow.
+        mids = pc.binary_join_element_wise(f"<{self.campaign}.", pc.cast(id_col, pa.string()),
+                                           f"@{self.domain}>", "").to_pylist()
+        columns = _Columns(batch, tuple(f for f in self.fields if f in batch.column_names))
+        return list(map(Message, id_col.to_pylist(), batch.column("email").to_pylist(), mids,
+                        map(_RowFields, itertools.repeat(columns), range(batch.num_rows))))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("id")

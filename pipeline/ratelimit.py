@@ -114,13 +114,17 @@ class SlotLimiter:
 
     def __init__(self, grant: Callable[[int], Grant], *, max_chunk: int,
                  release: Callable[[list[float]], None] | None = None, offset: float = 0.0,
-                 ahead: float = 0.5, late_ok: float = 0.05,
+                 ahead: float = 0.2, lead: float = 0.05, linger: float = 0.02,
+                 late_ok: float = 0.05,
                  clock: Callable[[], float] = time.time, retry_after: float = 1.0) -> None:
         self._grant = grant
         self._release = release
         self.max_chunk = max(1, max_chunk)
         self._offset = offset
         self._ahead = ahead
+        self._lead = lead  # the schedule's (SlotSchedule.lead)
+        self._linger = linger
+        self._backlogged = False
         self._late_ok = late_ok
         self._clock = clock
         self._retry_after = retry_after
@@ -157,13 +161,17 @@ class SlotLimiter:
         return slot
 
     def _low_water(self) -> int:
-        return math.ceil(self._rate * self._ahead)
+        return 0 if self._backlogged else math.ceil(self._rate * self._ahead)
 
     def _want(self) -> int:
-        need = self._hungry - len(self._slots)
-        if need <= 0 and (self._rate == 0 or len(self._slots) > self._low_water()):
+        """Slots to ask for now: one per waiter without one, and a refill up to twice the low
+        water mark once below it."""
+        held = len(self._slots)
+        need = self._hungry - held
+        low = self._low_water()
+        if need <= 0 and held >= low:
             return 0
-        return max(1, min(self.max_chunk, max(need, math.ceil(self._rate * self._ahead))))
+        return min(self.max_chunk, max(0, need) + max(0, 2 * low - held))
 
     def give_back(self) -> int:
         """Return every slot in hand to the schedule, for other actors to use. Call it when this
@@ -193,13 +201,25 @@ class SlotLimiter:
             with cv:
                 while (n := self._want()) == 0 and not self._cancelled.is_set():
                     cv.wait()
+                if self._backlogged:
+                    # Granted slots lie well ahead: waiting a moment for more waiters delays no
+                    # send, and makes one round trip serve many (not one per email).
+                    deadline = self._clock() + self._linger
+                    while (n := self._want()) < self.max_chunk and not self._cancelled.is_set() \
+                            and (left := deadline - self._clock()) > 0:
+                        cv.wait(left)
                 if self._cancelled.is_set():
                     return
                 now = self._clock()
-                if now > self._last_fetch:
+                if now - self._last_fetch >= 0.05:  # shorter spans make a noisy estimate
                     self._rate = (self.slots_taken - self._taken_at_fetch) / (now - self._last_fetch)
-                self._taken_at_fetch, self._last_fetch = self.slots_taken, now
+                    self._taken_at_fetch, self._last_fetch = self.slots_taken, now
             slots, retry_at = self._fetch(n)
+            # The rate binds when grants land well beyond the schedule's lead: then slots are
+            # fetched only for waiting workers (slots fetched ahead would be a hole in the rate if
+            # the actor's work ran out). Otherwise `ahead` seconds are kept in hand, so workers
+            # never wait for a round trip.
+            self._backlogged = bool(slots) and slots[0] - self._clock() > 2 * self._lead
             if not slots:  # every slot within the schedule's horizon is taken: wait for it
                 self._cancelled.wait(max(0.0, retry_at - self._clock()))
                 continue

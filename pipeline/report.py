@@ -16,7 +16,7 @@ from .ledger import DUPLICATE, FAILED, INVALID, SENT, SUPPRESSED
 from .recipients import Loaded
 
 Report = dict[str, Any]
-STAGE_ORDER = ("load", "ray_start", "partition", "send", "ledger", "report", "render")
+STAGE_ORDER = ("load", "ray_start", "partition", "send", "ray_stop", "ledger", "report", "render")
 
 
 def send_window(rows: pl.DataFrame) -> tuple[float | None, float | None]:
@@ -136,8 +136,8 @@ def summary_rows(rep: Report) -> list[tuple[str, str]]:
     rows = [
         ("campaign", rep["campaign"]),
         ("mode", f"{cfg['mode']} · {cfg['actors']} actors × {cfg['concurrency_per_actor']} "
-                 f"= {cfg['total_concurrency']} concurrent · sender {cfg['sender']} "
-                 f"· latency {cfg['latency_s']} s"),
+                 f"= {cfg['total_concurrency']} concurrent · sender {cfg['sender']}"
+                 + (f" · latency {cfg['latency_s']} s" if cfg["sender"] == "fake" else "")),
         ("input rows", _fmt(c["input_rows"])),
         ("already done (resume)", _fmt(c["already_done"])),
         ("sent", _fmt(c[SENT])), ("failed", _fmt(c[FAILED])), ("invalid", _fmt(c[INVALID])),

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from .config import (
     DEFAULT_LATENCY,
+    DEFAULT_SUBJECT,
     CampaignConfig,
     MessageConfig,
     RetryPolicy,
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("message")
     g.add_argument("--from", dest="from_addr", default="bulkmail <noreply@bulkmail.invalid>",
                    help="From header (its domain also names Message-IDs)")
-    g.add_argument("--subject", default="Hello {{ name }}", help="subject (a Jinja2 template)")
+    g.add_argument("--subject", default=DEFAULT_SUBJECT,
+                   help="subject (a Jinja2 template); the default drops the name for an input "
+                   "without a 'name' column")
     g.add_argument("--template", help="body template (plain text, Jinja2); a sibling .html file "
                    "makes the message multipart/alternative")
     g.add_argument("--unsubscribe-url", help="List-Unsubscribe URL (a Jinja2 template)")
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-cpus", type=int, default=None,
                    help="logical CPUs for a local Ray (default: enough for all actors)")
     g.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    g.add_argument("--no-metrics", action="store_true",
+                   help="a local Ray without its metrics pipeline (Prometheus export): less CPU "
+                   "for high-throughput runs")
     g.add_argument("--timeline", default=None, help="write Ray's Chrome-trace timeline here")
     g.add_argument("--no-charts", action="store_true", help="skip the PNG charts in the report")
     g.add_argument("--progress-every", type=float, default=10.0,
@@ -148,7 +154,7 @@ def config_from_args(a: argparse.Namespace) -> CampaignConfig:
         input=a.input, campaign=a.campaign, runs_dir=a.runs_dir, data_dir=a.data_dir,
         default_rows=a.rows, suppress=a.suppress, restart=a.restart, retry_failed=a.retry_failed,
         address=a.address, num_cpus=a.num_cpus, dashboard=not a.no_dashboard,
-        timeline=a.timeline, dry_run=a.dry_run, charts=not a.no_charts, send=send)
+        metrics=not a.no_metrics, timeline=a.timeline, dry_run=a.dry_run, charts=not a.no_charts, send=send)
 
 
 class ProgressPrinter:

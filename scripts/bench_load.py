@@ -5,7 +5,7 @@
 
 Each size runs in a fresh process through the real code path (`run_campaign` with --dry-run 1:
 plan, resume anti-join, validation, dedup, suppression, settling; it stops before Ray), and
-reports the report's own "load" stage time and the process's peak RSS (ru_maxrss), next to
+reports the report's own "load" stage time and the process's peak RSS (VmHWM), next to
 the RSS of an idle process that imported the same modules. Inputs are generated once under
 data/bench/ (10M rows take about 15 s and 0.4 GB on disk).
 """
@@ -27,7 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak RSS of this process image: VmHWM (ru_maxrss would also count a parent's peak from
+    before the fork, e.g. the generator's 10M-row frame)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(path: str, runs: str) -> None:

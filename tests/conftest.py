@@ -18,6 +18,10 @@ from pipeline.config import CampaignConfig, SendConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every Ray the tests start (in this process or in CLI subprocesses, which inherit this) binds to
+# 127.0.0.1 only, not the machine's primary interface. Read by Ray at import time.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 # Keep Ray's temp files short and private to the test run.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

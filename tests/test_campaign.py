@@ -96,3 +96,13 @@ def test_report_has_every_stage_and_agrees_with_ledger(tmp_path: Path) -> None:
     assert [op["operator"] for op in saved["ray_data"]][-1].startswith("MapBatches")
     md = (tmp_path / "runs/test/report.md").read_text()
     assert "| sent | 1,500 |" in md
+
+
+def test_input_with_only_an_email_column(tmp_path: Path) -> None:
+    """No id (derived from row order), no name (the default subject drops it), still sent."""
+    path = tmp_path / "in.parquet"
+    pl.DataFrame({"email": [f"only{i}@example.com" for i in range(50)]}).write_parquet(path)
+    rep = run_campaign(campaign(tmp_path, path))
+    led = read_ledger(tmp_path)
+    assert sorted(led["id"].to_list()) == list(range(50))
+    assert (led["status"] == "sent").all() and rep["counts"]["reconciled"]

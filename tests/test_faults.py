@@ -109,6 +109,7 @@ def test_driver_sigkill_then_resume(tmp_path: Path) -> None:
     sends = send_log(log)
     assert set(sends.to_list()) == set(range(rows)), "a recipient was skipped"
     repeats = len(sends) - rows
+    print(f"driver SIGKILL: repeats {repeats}, bound {repeat_bound(actors, threads, latency)}")
     assert 0 <= repeats <= repeat_bound(actors, threads, latency), repeats
     # The resume picked up exactly where the journal ended: two runs, each id in one of them.
     assert led["run"].n_unique() == 2
@@ -136,6 +137,7 @@ def test_sender_actor_sigkill_run_completes(tmp_path: Path) -> None:
     sends = send_log(log)
     assert set(sends.to_list()) == set(range(rows))
     repeats = len(sends) - rows
+    print(f"actor SIGKILL: repeats {repeats}, bound {repeat_bound(1, threads, latency)}")
     assert 0 <= repeats <= repeat_bound(1, threads, latency), repeats
 
 
@@ -191,6 +193,7 @@ def test_second_signal_exits_at_once_and_ledger_stays_readable(tmp_path: Path) -
     assert_exactly_once(tmp_path, rows)
     sends = send_log(log)
     assert set(sends.to_list()) == set(range(rows))
+    print(f"second signal: repeats {len(sends) - rows}, bound {repeat_bound(actors, threads, latency)}")
     assert len(sends) - rows <= repeat_bound(actors, threads, latency)
 
 
