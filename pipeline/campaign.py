@@ -171,7 +171,7 @@ def _ensure_ray(config: CampaignConfig, send: SendConfig, hooks: Hooks) -> bool:
         # 1 CPU each never start on 2 cores; RAY-NOTES.md).
         need = math.ceil(send.actors * send.cpus_per_actor) + 1
         kwargs["num_cpus"] = config.num_cpus or max(os.cpu_count() or 1, need)
-        if not config.metrics:
+        if not send.metrics:
             kwargs["_system_config"] = {"enable_metrics_collection": False}
     # ray.init installs the core worker's own SIGTERM handler (it logs and dies with code 15),
     # which would skip the caller's graceful stop: put the caller's handlers back.
@@ -214,7 +214,7 @@ def _calls_per_actor(send: SendConfig, batch_size: int) -> int:
     pool (a full pool plus as much again queued), each call a thread blocked on its batch."""
     if send.mode != "async":
         return 2
-    return max(2, min(64, math.ceil(2 * send.concurrency / batch_size)))
+    return max(2, min(64, math.ceil(3 * send.concurrency / batch_size)))
 
 
 def partition(frame: pl.DataFrame, *, batch_size: int, max_blocks: int = 2000) -> Any:

@@ -92,6 +92,10 @@ class SendConfig:
     flush_seconds: float = 0.5
     max_batch_attempts: int = 3  # a batch whose worker dies this often is recorded as failed
     stop_timeout: float = 30.0
+    # Ray metrics: the actors' counters and histogram (metrics.py) and, for a local Ray, Ray's
+    # own metrics pipeline, whose agent used 7.7 s of CPU in a 1M async run on 2 cores (17% of
+    # the run's CPU). --no-metrics turns both off for runs nobody watches.
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         for name, value in (("--actors", self.actors), ("--threads-per-actor", self.threads_per_actor),
@@ -136,9 +140,6 @@ class CampaignConfig:
     address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray
     num_cpus: int | None = None  # logical CPUs for a local Ray
     dashboard: bool = True
-    # Ray's metrics pipeline for a local Ray: its agent cost 7.7 s of CPU in a 1M async run
-    # on 2 cores (17% of the run's CPU); --no-metrics turns it off for runs nobody watches.
-    metrics: bool = True
     timeline: str | None = None
     dry_run: int | None = None
     charts: bool = True

@@ -4,9 +4,13 @@ Exported by every node's metrics agent in Prometheus text (`ray_bulkmail_*`), ev
 dashboard; the dashboard's Metrics tab charts them once Prometheus scrapes the nodes.
 
 A Ray metric call costs about 2 µs here (measured: 100,000 `Counter.inc` in 0.20 s, the same
-for `Histogram.observe`), a fifth of the whole per-email CPU of the async engine. So the
-observer only bumps plain integers and appends a float on the sending thread, and a daemon
-thread hands the totals to Ray once a second (Ray itself exports every 10 s by default).
+for `Histogram.observe`), against about 35 µs of actor CPU per email in the async engine. So
+the observer only bumps integers and appends a float on the sending thread; a daemon thread
+hands the counts to Ray once a second, and the latency histogram gets an even sample of at
+most SAMPLE values a second per actor (quantiles hold; its _count is the sample's, so count
+emails with the counters). Ray exports every 10 s by default; an actor stopped between two
+exports (Ray Data stops the pool at the end) loses its last few seconds there: the ledger and
+the report are the record, the metrics are for watching a run.
 Imported only by actors.py (it imports Ray).
 """
 
@@ -20,6 +24,7 @@ from ray.util import metrics as ray_metrics
 # Seconds. The fake sender's 0.01-0.5 s and real SMTP's 0.05-5 s both land in the middle.
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 TAG_KEYS = ("campaign", "actor", "node")
+SAMPLE = 1000  # latency observations per actor per flush (per second)
 
 
 class SendMetrics:
@@ -63,7 +68,10 @@ class SendMetrics:
                                ("retried", self._retried)):
             if counts[status]:
                 metric.inc(counts[status])
-        for value in latencies:
+        # At most SAMPLE latencies a flush, evenly spaced: the histogram's quantiles stay
+        # right while an actor sending 75,000 emails/s spends 2 ms a second on it, not 150 ms.
+        step = max(1, -(-len(latencies) // SAMPLE))
+        for value in latencies[::step]:
             self._latency.observe(value)
 
     def _loop(self, every: float) -> None:

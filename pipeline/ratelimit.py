@@ -9,10 +9,10 @@ so no window of time can hold more starts than slots, whatever the number of act
 takes the earliest slot its actor holds and sleeps until it. A helper thread keeps slots in hand
 ahead of need, in chunks (a few round trips a second, not one per email), so a grant that comes
 back late on a loaded machine delays nothing. An actor that runs out of work gives back the
-slots it holds and the schedule hands them to another actor, so an idle actor leaves no hole in
-the global rate. An actor that dies, or a node that is lost,
-takes only the slots it held (at most a second or so of its share: the rate dips, it never
-overshoots); a restarted actor simply asks for new slots.
+slots it holds and the schedule hands them to the next actor that asks, so an idle actor leaves
+no hole in the global rate. An actor that dies, or a node that is lost, takes only the slots it
+held (about half a second of its share: the rate dips, it never overshoots); a restarted actor
+simply asks for new slots.
 """
 
 from __future__ import annotations
@@ -101,36 +101,41 @@ class SlotLimiter:
     """The engine's `Limiter` inside one actor: `wait()` for threads, `await_turn()` for asyncio.
 
     `grant(n)` and `release(slots)` reach the schedule (blocking calls, made only by this
-    limiter's helper thread). The helper asks for slots for every waiter that has none, and for
-    enough to keep `ahead` seconds of what this actor has been using in hand; `max_chunk` caps
-    one request. `give_back()` returns the slots in hand when the actor runs out of work.
+    limiter's helper thread). The helper asks for a slot for every waiter that has none, and
+    keeps a reserve of `ahead` seconds of this actor's use in hand so that a slow round trip
+    delays no send, except when the rate binds (grants land more than `ahead` out, because the
+    workers of all actors already hold that much): then waiters alone decide, which shares the
+    rate among the actors by demand, and an actor whose work runs out holds nothing another
+    could have used. It gathers requests for up to `linger` (20 ms), so one round trip serves
+    many sends (5-50 a second per busy actor, not one per email). `max_chunk` caps one request.
+    `give_back()` returns the slots in hand when the actor runs out of work; the next requests
+    get them first.
 
     A slot still untaken `late_ok` seconds after it was due is dropped rather than spent late,
-    so any window of W seconds holds at most rate × (W + late_ok) starts: 5% over for 1 s
-    windows at the default, and only right after a stall that held sends back. A failing grant
-    (the schedule is gone, so the run is ending) is retried every `retry_after` seconds: a
-    sender never starts without a slot.
+    so any window of W seconds holds at most rate × (W + late_ok) starts (plus any the sender
+    process itself was too starved of CPU to start on time): 5% over for 1 s windows at the
+    default, and only right after a stall that held sends back. A failing grant (the schedule
+    is gone, so the run is ending) is retried every `retry_after` seconds: a sender never starts
+    without a slot.
     """
 
     def __init__(self, grant: Callable[[int], Grant], *, max_chunk: int,
                  release: Callable[[list[float]], None] | None = None, offset: float = 0.0,
-                 ahead: float = 0.2, lead: float = 0.05, linger: float = 0.02,
-                 late_ok: float = 0.05,
+                 ahead: float = 0.1, linger: float = 0.02, late_ok: float = 0.05,
                  clock: Callable[[], float] = time.time, retry_after: float = 1.0) -> None:
         self._grant = grant
         self._release = release
         self.max_chunk = max(1, max_chunk)
         self._offset = offset
         self._ahead = ahead
-        self._lead = lead  # the schedule's (SlotSchedule.lead)
         self._linger = linger
-        self._backlogged = False
         self._late_ok = late_ok
         self._clock = clock
         self._retry_after = retry_after
         self._cancelled = threading.Event()
         self._cv = threading.Condition()
         self._slots: collections.deque[float] = collections.deque()  # this host's clock
+        self._backlogged = False  # grants land beyond `ahead`: fetch for waiters only
         self._hungry = 0  # waiters (threads or coroutines) that found no slot
         self._async_waiters: collections.deque[asyncio.Future[float]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,22 +161,17 @@ class SlotLimiter:
             return None
         self.slots_taken += 1
         slot = slots.popleft()
-        if len(slots) <= self._low_water():
-            self._cv.notify_all()  # the helper fetches more before they run out
+        if len(slots) < self._reserve():
+            self._cv.notify_all()  # the helper tops the reserve up
         return slot
 
-    def _low_water(self) -> int:
+    def _reserve(self) -> int:
+        """Slots to keep in hand beyond the waiters' own."""
         return 0 if self._backlogged else math.ceil(self._rate * self._ahead)
 
     def _want(self) -> int:
-        """Slots to ask for now: one per waiter without one, and a refill up to twice the low
-        water mark once below it."""
-        held = len(self._slots)
-        need = self._hungry - held
-        low = self._low_water()
-        if need <= 0 and held >= low:
-            return 0
-        return min(self.max_chunk, max(0, need) + max(0, 2 * low - held))
+        """Slots to ask for now: one per waiter without one, and the reserve topped up."""
+        return min(self.max_chunk, max(0, self._hungry + self._reserve() - len(self._slots)))
 
     def give_back(self) -> int:
         """Return every slot in hand to the schedule, for other actors to use. Call it when this
@@ -199,31 +199,31 @@ class SlotLimiter:
         cv = self._cv
         while not self._cancelled.is_set():
             with cv:
-                while (n := self._want()) == 0 and not self._cancelled.is_set():
+                while not self._cancelled.is_set() and self._want() == 0:
                     cv.wait()
-                if self._backlogged:
-                    # Granted slots lie well ahead: waiting a moment for more waiters delays no
-                    # send, and makes one round trip serve many (not one per email).
-                    deadline = self._clock() + self._linger
-                    while (n := self._want()) < self.max_chunk and not self._cancelled.is_set() \
-                            and (left := deadline - self._clock()) > 0:
-                        cv.wait(left)
+                # Gather what else is wanted for a moment: granted slots are at least the
+                # schedule's lead (50 ms) ahead, so this delays no send, and one round trip
+                # serves many. Frequent small requests also pick up slots another actor gave
+                # back while they are still ahead.
+                deadline = self._clock() + self._linger
+                while not self._cancelled.is_set() and self._want() < self.max_chunk \
+                        and (left := deadline - self._clock()) > 0:
+                    cv.wait(left)
                 if self._cancelled.is_set():
                     return
                 now = self._clock()
                 if now - self._last_fetch >= 0.05:  # shorter spans make a noisy estimate
                     self._rate = (self.slots_taken - self._taken_at_fetch) / (now - self._last_fetch)
                     self._taken_at_fetch, self._last_fetch = self.slots_taken, now
+                n = self._want()
+            if n == 0:
+                continue
             slots, retry_at = self._fetch(n)
-            # The rate binds when grants land well beyond the schedule's lead: then slots are
-            # fetched only for waiting workers (slots fetched ahead would be a hole in the rate if
-            # the actor's work ran out). Otherwise `ahead` seconds are kept in hand, so workers
-            # never wait for a round trip.
-            self._backlogged = bool(slots) and slots[0] - self._clock() > 2 * self._lead
             if not slots:  # every slot within the schedule's horizon is taken: wait for it
                 self._cancelled.wait(max(0.0, retry_at - self._clock()))
                 continue
             with cv:
+                self._backlogged = slots[0] - self._clock() > self._ahead
                 self._slots.extend(slots)
                 if len(self._slots) > len(slots) and self._slots[-len(slots) - 1] > slots[0]:
                     # Given-back slots granted again can come before ones already in hand.

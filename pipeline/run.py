@@ -144,7 +144,7 @@ def config_from_args(a: argparse.Namespace) -> CampaignConfig:
                         ca_file=a.smtp_ca_file),
         message=MessageConfig(from_addr=a.from_addr, subject=a.subject, template=a.template,
                               unsubscribe_url=a.unsubscribe_url),
-        rate=a.rate,
+        rate=a.rate, metrics=not a.no_metrics,
     )
     if a.rows < 0:
         raise UsageError(f"--rows must not be negative, got {a.rows}")
@@ -154,7 +154,7 @@ def config_from_args(a: argparse.Namespace) -> CampaignConfig:
         input=a.input, campaign=a.campaign, runs_dir=a.runs_dir, data_dir=a.data_dir,
         default_rows=a.rows, suppress=a.suppress, restart=a.restart, retry_failed=a.retry_failed,
         address=a.address, num_cpus=a.num_cpus, dashboard=not a.no_dashboard,
-        metrics=not a.no_metrics, timeline=a.timeline, dry_run=a.dry_run, charts=not a.no_charts, send=send)
+        timeline=a.timeline, dry_run=a.dry_run, charts=not a.no_charts, send=send)
 
 
 class ProgressPrinter:

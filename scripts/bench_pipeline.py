@@ -3,6 +3,7 @@
     python scripts/bench_pipeline.py                  # 1M at 0.5 s: total wall, stages, send rate
     python scripts/bench_pipeline.py --latency 0      # the pipeline's own cost per email (µs)
     python scripts/bench_pipeline.py --rows 100000    # a smaller smoke run
+    python scripts/bench_pipeline.py -- --num-cpus 4  # flags after -- go to the CLI
 
 It runs the real CLI (`python -m pipeline.run`) in a subprocess, so the wall time is what a user
 waits for: interpreter start, load, Ray start, actor start, sending, ledger, report and charts,
@@ -69,6 +70,7 @@ class Sampler:
     cpu: dict[int, tuple[str, float]] = field(default_factory=dict)  # pid → (group, last cpu s)
     names: dict[int, str] = field(default_factory=dict)  # pid → short command line
     peak_procs: int = 0
+    series: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (epoch, cpu)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> threading.Thread:
@@ -113,7 +115,15 @@ class Sampler:
                 self.peak_rss[g] = max(self.peak_rss.get(g, 0), v)
             self.peak_total = max(self.peak_total, sum(sums.values()))
             self.peak_procs = max(self.peak_procs, len(procs))
+            self.series.append((time.time(), self.cpu_by_group()))
             self._stop.wait(self.every)
+
+    def cpu_between(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds each group used between two instants (nearest samples)."""
+        before = [c for t, c in self.series if t <= t0] or [{}]
+        after = [c for t, c in self.series if t >= t1] or [self.cpu_by_group()]
+        a, b = before[-1], after[0]
+        return {g: b[g] - a.get(g, 0.0) for g in b}
 
     def cpu_by_group(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -150,7 +160,10 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--latency", type=float, default=0.5)
     ap.add_argument("--actors", type=int, default=2, help="one per core on this 2-core machine")
-    ap.add_argument("--concurrency-per-actor", type=int, default=25_000)
+    # Two actors × 50,000: the send stage is CPU-bound (about 12 µs of actor CPU per email),
+    # so more in flight only shortens the first and last waves; 2 × 25,000 measured 86k/s in
+    # the send window, 2 × 50,000 121k/s.
+    ap.add_argument("--concurrency-per-actor", type=int, default=50_000)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--work-dir", default="/tmp/bulkmail-bench", help="input file and runs/")
     ap.add_argument("--no-charts", action="store_true")
@@ -219,6 +232,8 @@ def main() -> int:
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
         "first_send_after_s": round(first_send - t0_epoch, 2),
         "after_last_send_s": round(wall - (last_send - t0_epoch), 2),
+        "cpu_in_send_window_s": {k: round(v, 2) for k, v in
+                                 sampler.cpu_between(first_send, last_send).items()},
     }
     print()
     print(f"rows {rows:,} · latency {a.latency} s · {a.actors} actors × "
@@ -226,9 +241,10 @@ def main() -> int:
           f"(load average {load_before:.1f} before, {out['load_avg_after']:.1f} after)")
     print(f"sent {rep['counts']['sent']:,}  failed {rep['counts']['failed']:,}  "
           f"reconciled {rep['counts']['reconciled']}")
-    print(f"total wall (process) {wall:6.2f} s   target ≤ {TARGET_WALL:.0f} s: "
-          f"{'met' if wall <= TARGET_WALL else 'NOT met'}")
-    print(f"total wall (report)  {rep['total_s']:6.2f} s")
+    for label, v in (("run (report: load to report written, Ray start and stop included)", rep["total_s"]),
+                     ("command (interpreter start to exit)", wall)):
+        print(f"total wall, {label}: {v:.2f} s   target ≤ {TARGET_WALL:.0f} s "
+              f"{'met' if v <= TARGET_WALL else 'NOT met'}")
     print(f"first email started {out['first_send_after_s']:.2f} s after the command; "
           f"last one finished {out['after_last_send_s']:.2f} s before it ended")
     print("stages (s): " + "  ".join(f"{k} {v:.2f}" for k, v in stages.items()))
@@ -243,6 +259,10 @@ def main() -> int:
         print("CPU µs per email by process group: " + "  ".join(
             f"{k} {v / rows * 1e6:.1f}" for k, v in sorted(cpu.items()))
             + f"  total {sum(cpu.values()) / rows * 1e6:.1f}")
+    win = out["cpu_in_send_window_s"]
+    print(f"CPU in the send window ({last_send - first_send:.1f} s, {os.cpu_count()} cores): "
+          + "  ".join(f"{k} {v:.1f} s" for k, v in sorted(win.items()))
+          + f"  total {sum(win.values()):.1f} s")
     print("peak RSS: " + "  ".join(f"{k} {mb(v)}" for k, v in sorted(sampler.peak_rss.items()))
           + f"  whole tree {mb(sampler.peak_total)} ({sampler.peak_procs} processes)")
     if a.top:

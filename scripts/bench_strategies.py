@@ -286,8 +286,8 @@ def main() -> int:
                      f"and {biggest_pool.extra['startup_per_process_s'] * 1000:.1f} ms start-up per "
                      "process; the table's estimates scale those "
                      f"({psutil.virtual_memory().total / 2**30:.0f} GiB of RAM here).")
-    notes.append(f"threads, processes, asyncio: {', '.join(f'{waves(n)} waves' for n in (1, 1000))} "
-                 "(≤ 100, larger) of `concurrency` emails; threads' start-up is inside the window.")
+    notes.append(f"Each strategy sends {waves(1)} waves of `concurrency` emails up to 100 concurrent, "
+                 f"{waves(1000)} waves above; threads' start-up is inside their window.")
 
     work = Path(tempfile.mkdtemp(prefix="bulkmail-strategies-"))
     try:

@@ -122,18 +122,20 @@ def main() -> None:
     rep = run_campaign(config)
     run_s = time.perf_counter() - t_run
     if a.metrics:
+        # Ray exports every second here: wait until two scrapes a second apart agree.
         deadline = time.time() + 15
-        expected = rep["counts"]["sent"]
         while time.time() < deadline:
-            scraped = _scrape_sent(ports, "multi")
-            if sum(scraped.values()) >= expected:
+            time.sleep(1.0)
+            again = _scrape_sent(ports, "multi")
+            if again and again == scraped:
                 break
-            time.sleep(0.5)
+            scraped = again
 
     print(json.dumps({
         "head": head_id, "workers": worker_ids, "removed": removed, "metrics_sent": scraped,
         "counts": rep["counts"], "send": rep["send"], "cluster_s": round(cluster_s, 2),
-        "run_s": round(run_s, 2), "ledger": str(work / "runs" / "multi" / "ledger.parquet"),
+        "run_s": round(run_s, 2), "total_s": round(time.perf_counter() - t0, 2),
+        "ledger": str(work / "runs" / "multi" / "ledger.parquet"),
         "send_log": str(send_log),
     }))
     sys.stdout.flush()
