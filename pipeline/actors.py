@@ -160,18 +160,15 @@ class SendBatches:
         else:
             assert isinstance(sender, Sender)
             self.engine = ThreadEngine(sender, **common)
-        threading.Thread(target=self._watch_stop, name="stop-watch", daemon=True).start()
 
-    def _watch_stop(self) -> None:
-        # Polling (every 0.25 s) rather than a push keeps the coordinator free of actor handles.
-        while not self.engine.stopping:
-            try:
-                if ray.get(self.coordinator.is_stopping.remote(), timeout=10):
-                    self.engine.stop()
-                    return
-            except Exception:  # noqa: BLE001 - the coordinator is gone: the run is ending
-                return
-            time.sleep(0.25)
+    def _stop_requested(self) -> bool:
+        """Asked from the batch's own call thread (every 0.25 s while it runs): a `ray.get` from
+        a thread of our own crashed Ray 2.60's core worker when it overlapped actor teardown
+        (a segfault in TaskCounter::UnsetMetricStatus), which would restart the actor."""
+        try:
+            return bool(ray.get(self.coordinator.is_stopping.remote(), timeout=10))
+        except Exception:  # noqa: BLE001 - the coordinator is gone: the run is ending anyway
+            return False
 
     def _messages(self, batch: pa.Table, skip: set[int]) -> list[Message]:
         # Vectorised over the batch: building each Message with a per-row f-string and a
@@ -223,7 +220,7 @@ class SendBatches:
         with self._calls_lock:
             self._calls += 1
         try:
-            return self.engine.run(messages)
+            return self.engine.run(messages, should_stop=self._stop_requested)
         finally:
             if self.metrics is not None:
                 self.metrics.flush()  # a finished batch shows in the metrics at Ray's next export

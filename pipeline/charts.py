@@ -78,13 +78,15 @@ def throughput(rep: dict[str, Any], windows: pl.DataFrame, run_dir: str, t0: flo
                       label=status)
             bottom += counts
     cfg = rep.get("config", {})
+    top = float(bottom.max()) if len(bottom) else 1.0
     if cfg.get("latency_s") and cfg.get("total_concurrency"):
         ideal = cfg["total_concurrency"] / cfg["latency_s"]
         ax.axhline(ideal, color="black", linestyle="--", linewidth=1,
                    label=f"ideal {ideal:,.0f}/s (concurrency ÷ latency)")
+        top = max(top, ideal)
     ax.set_xlabel("seconds since the first send")
     ax.set_ylabel("emails / s")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, top * 1.15)
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     return _save(fig, run_dir, "throughput.png")
 

@@ -37,6 +37,7 @@ class Limiter(Protocol):
 
 
 Observer = Callable[[str, float, int], None]  # (status, latency seconds, attempts)
+STOP_POLL = 0.25  # seconds between stop checks while a batch runs
 
 
 @dataclass(slots=True)
@@ -83,16 +84,35 @@ class Engine:
         self.observer = observer
         self._rng = random.Random(seed)
         self._stopping = threading.Event()
+        self._last_poll = float("-inf")
         self.in_flight = 0  # sends under way now (read by metrics; racy reads are fine)
 
     # -- public
-    def run(self, messages: Sequence[Message]) -> BatchCounts:
-        """Send `messages`; return when each one is recorded (or abandoned after a stop)."""
+    def run(self, messages: Sequence[Message], *,
+            should_stop: Callable[[], bool] | None = None) -> BatchCounts:
+        """Send `messages`; return when each one is recorded (or abandoned after a stop).
+
+        `should_stop` is asked every `STOP_POLL` seconds from the calling thread while the batch
+        runs; when it says yes, the engine stops (see `stop`).
+        """
         batch = _Batch(len(messages))
+        if should_stop is not None:
+            self._poll(should_stop)  # batches shorter than STOP_POLL must see a stop too
         if messages:
             self._submit([_Job(m, batch) for m in messages])
-            batch.done.wait()
+            while not batch.done.wait(STOP_POLL if should_stop else None):
+                if should_stop is not None:
+                    self._poll(should_stop)
         return batch.counts
+
+    def _poll(self, should_stop: Callable[[], bool]) -> None:
+        """Ask `should_stop` at most once per STOP_POLL seconds across all calling threads."""
+        now = time.monotonic()
+        if self.stopping or now - self._last_poll < STOP_POLL:
+            return
+        self._last_poll = now
+        if should_stop():
+            self.stop()
 
     def stop(self) -> None:
         """Stop starting sends: in-flight ones finish, queued and waiting ones are abandoned."""

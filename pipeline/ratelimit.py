@@ -102,11 +102,12 @@ class SlotLimiter:
 
     `grant(n)` and `release(slots)` reach the schedule (blocking calls, made only by this
     limiter's helper thread). The helper asks for a slot for every waiter that has none, and
-    keeps a reserve of `ahead` seconds of this actor's use in hand so that a slow round trip
-    delays no send, except when the rate binds (grants land more than `ahead` out, because the
-    workers of all actors already hold that much): then waiters alone decide, which shares the
-    rate among the actors by demand, and an actor whose work runs out holds nothing another
-    could have used. It gathers requests for up to `linger` (20 ms), so one round trip serves
+    keeps a reserve of this actor's use in hand so that a slow round trip delays no send: three
+    of the slowest recent round trips' worth, within `ahead` (0.05-0.5 s). Not when the rate
+    binds (grants land beyond that reserve, because the workers of all actors already hold that
+    much): then waiters alone decide, which shares the rate among the actors by demand and
+    adapts at once when one runs out of work, and an actor whose work runs out holds nothing
+    another could have used. It gathers requests for up to `linger` (20 ms), so one round trip serves
     many sends (5-50 a second per busy actor, not one per email). `max_chunk` caps one request.
     `give_back()` returns the slots in hand when the actor runs out of work; the next requests
     get them first.
@@ -121,13 +122,16 @@ class SlotLimiter:
 
     def __init__(self, grant: Callable[[int], Grant], *, max_chunk: int,
                  release: Callable[[list[float]], None] | None = None, offset: float = 0.0,
-                 ahead: float = 0.1, linger: float = 0.02, late_ok: float = 0.05,
+                 ahead: tuple[float, float] = (0.05, 0.5), linger: float = 0.02,
+                 late_ok: float = 0.05,
                  clock: Callable[[], float] = time.time, retry_after: float = 1.0) -> None:
         self._grant = grant
         self._release = release
         self.max_chunk = max(1, max_chunk)
         self._offset = offset
-        self._ahead = ahead
+        self._ahead_min, self._ahead_max = ahead
+        self._ahead = ahead[0]  # seconds of reserve now, between the two, from round trips
+        self._rtt = 0.0  # the slowest recent grant round trip (decays)
         self._linger = linger
         self._late_ok = late_ok
         self._clock = clock
@@ -218,7 +222,12 @@ class SlotLimiter:
                 n = self._want()
             if n == 0:
                 continue
+            t0 = self._clock()
             slots, retry_at = self._fetch(n)
+            # The reserve covers three of the slowest recent round trips (a loaded machine or a
+            # distant node), and shrinks back (5% a request) once they are fast again.
+            self._rtt = max(self._clock() - t0, self._rtt * 0.95)
+            self._ahead = min(self._ahead_max, max(self._ahead_min, 3 * self._rtt + self._linger))
             if not slots:  # every slot within the schedule's horizon is taken: wait for it
                 self._cancelled.wait(max(0.0, retry_at - self._clock()))
                 continue

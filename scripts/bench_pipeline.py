@@ -151,6 +151,12 @@ def ensure_input(path: Path, rows: int) -> None:
     recipients.generate(rows).write_parquet(path)
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle since boot."""
+    t = psutil.cpu_times()
+    return float(sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq")))
+
+
 def mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -161,8 +167,8 @@ def main() -> int:
     ap.add_argument("--latency", type=float, default=0.5)
     ap.add_argument("--actors", type=int, default=2, help="one per core on this 2-core machine")
     # Two actors × 50,000: the send stage is CPU-bound (about 12 µs of actor CPU per email),
-    # so more in flight only shortens the first and last waves; 2 × 25,000 measured 86k/s in
-    # the send window, 2 × 50,000 121k/s.
+    # so more in flight mostly shortens the first and last waves: in the send window 2 × 25,000
+    # measured 86,000 emails/s, 2 × 50,000 121,000-143,000/s (2 cores).
     ap.add_argument("--concurrency-per-actor", type=int, default=50_000)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--work-dir", default="/tmp/bulkmail-bench", help="input file and runs/")
@@ -190,6 +196,7 @@ def main() -> int:
     shutil.rmtree(work / "runs" / "bench", ignore_errors=True)  # no stale report.json
     print("$ " + " ".join(cmd[1:]).replace(sys.executable, "python"), flush=True)
     load_before = os.getloadavg()[0]
+    machine_before = busy_cpu_seconds()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.perf_counter()
     t0_epoch = time.time()
@@ -205,6 +212,7 @@ def main() -> int:
             print("  " + line.rstrip(), flush=True)
     rc = proc.wait()
     wall = time.perf_counter() - t0
+    machine_busy = busy_cpu_seconds() - machine_before
     sampler.stop()
     report_path = work / "runs" / "bench" / "report.json"
     if rc not in (0, 1) or not report_path.exists():
@@ -218,11 +226,14 @@ def main() -> int:
     send = rep["send"]
     send_stage_rate = rows / stages["send"] if stages.get("send") else 0.0
     cpu = sampler.cpu_by_group()
+    # What the rest of the machine did meanwhile: all CPU time spent minus this run's tree.
+    others = max(0.0, machine_busy - sum(cpu.values()))
     first_send, last_send = send_window(work / "runs" / "bench")
     out = {
         "command": " ".join(cmd[1:]).replace(sys.executable, "python"),
         "cores": os.cpu_count(), "load_avg_before": round(load_before, 2),
         "load_avg_after": round(os.getloadavg()[0], 2),
+        "other_processes_cpu_s": round(others, 1),
         "rows": rows, "latency_s": a.latency, "process_wall_s": round(wall, 2),
         "report_total_s": rep["total_s"], "stages_s": stages,
         "send_stage_emails_per_s": round(send_stage_rate),
@@ -239,6 +250,9 @@ def main() -> int:
     print(f"rows {rows:,} · latency {a.latency} s · {a.actors} actors × "
           f"{a.concurrency_per_actor:,} concurrent · {os.cpu_count()} cores "
           f"(load average {load_before:.1f} before, {out['load_avg_after']:.1f} after)")
+    print(f"other processes used {others:.1f} s of CPU during the run "
+          f"({others / (wall * (os.cpu_count() or 1)):.0%} of the machine): "
+          + ("contended" if others > 0.1 * wall * (os.cpu_count() or 1) else "quiet"))
     print(f"sent {rep['counts']['sent']:,}  failed {rep['counts']['failed']:,}  "
           f"reconciled {rep['counts']['reconciled']}")
     for label, v in (("run (report: load to report written, Ray start and stop included)", rep["total_s"]),

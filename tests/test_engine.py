@@ -162,3 +162,22 @@ def test_waiting_retries_are_abandoned_on_stop(tmp_path: Path) -> None:
     assert not t.is_alive(), "a stop waited for backoffs"
     engine.close()
     assert out["c"].abandoned >= 9  # (a zero-ish jitter draw may have retried one already)
+
+
+@pytest.mark.parametrize("kind", ["threads", "async"])
+def test_should_stop_is_polled_while_a_batch_runs_and_between_short_batches(
+        kind: str, tmp_path: Path) -> None:
+    engine = make(kind, FakeSender(latency=0.05), tmp_path, 5)
+    t0 = time.monotonic()
+
+    def after_half_a_second() -> bool:
+        return time.monotonic() - t0 > 0.5
+
+    long = engine.run(messages(200), should_stop=after_half_a_second)  # 2 s of work
+    assert 0 < long.sent < 100 and long.sent + long.abandoned == 200
+    engine.close()
+    # Batches far shorter than the poll interval still see the stop when they start.
+    short_engine = make(kind, FakeSender(latency=0.001), tmp_path, 5)
+    outcomes = [short_engine.run(messages(3), should_stop=lambda: True) for _ in range(3)]
+    short_engine.close()
+    assert all(c.abandoned == 3 for c in outcomes)
