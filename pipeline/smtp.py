@@ -63,10 +63,19 @@ def tls_context(smtp: SmtpConfig) -> ssl.SSLContext | None:
 
 
 class _Counters:
-    def __init__(self) -> None:
+    """What both SMTP senders share: their settings, TLS context, EHLO name and counters."""
+
+    def __init__(self, smtp: SmtpConfig, composer: Composer, *, password: str | None,
+                 local_hostname: str | None) -> None:
         self._lock = threading.Lock()
         self.connections_opened = 0
         self.reconnects = 0
+        self.smtp = smtp
+        self.composer = composer
+        self._password = password
+        self._ctx = tls_context(smtp)
+        # EHLO name: the From domain, not socket.getfqdn() (a DNS lookup per connection).
+        self._ehlo = local_hostname or composer.envelope_from.rpartition("@")[2] or "localhost"
 
     def opened(self) -> None:
         with self._lock:
@@ -90,15 +99,9 @@ class SmtpSender(_Counters):
 
     def __init__(self, smtp: SmtpConfig, composer: Composer, *, password: str | None = None,
                  local_hostname: str | None = None) -> None:
-        super().__init__()
-        self.smtp = smtp
-        self.composer = composer
-        self._password = password
-        self._ctx = tls_context(smtp)
+        super().__init__(smtp, composer, password=password, local_hostname=local_hostname)
         self._local = threading.local()
         self._all: set[_Conn] = set()
-        # EHLO name: the From domain, not socket.getfqdn() (a DNS lookup per connection).
-        self._ehlo = local_hostname or composer.envelope_from.rpartition("@")[2] or "localhost"
 
     def _open(self) -> _Conn:
         s = self.smtp
@@ -214,13 +217,8 @@ class AsyncSmtpSender(_Counters):
 
     def __init__(self, smtp: SmtpConfig, composer: Composer, *, password: str | None = None,
                  local_hostname: str | None = None) -> None:
-        super().__init__()
-        self.smtp = smtp
-        self.composer = composer
-        self._password = password
-        self._ctx = tls_context(smtp)
+        super().__init__(smtp, composer, password=password, local_hostname=local_hostname)
         self._idle: list[_Conn] = []
-        self._ehlo = local_hostname or composer.envelope_from.rpartition("@")[2] or "localhost"
 
     async def _open(self) -> _Conn:
         s = self.smtp

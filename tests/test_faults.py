@@ -76,6 +76,16 @@ def common_args(log: Path, *extra: str) -> list[str]:
             "--send-log", str(log), "--progress-every", "1", *extra]
 
 
+def launch(tmp_path: Path, rows: int, *extra: str, actors: int = 2, threads: int = 10,
+           latency: float = 0.05) -> tuple[subprocess.Popen[str], Path, list[str]]:
+    """Start a CLI run over `rows` generated recipients; returns (process, send log, args)."""
+    write_recipients(tmp_path / "in.parquet", rows)
+    log = tmp_path / "sends.log"
+    args = common_args(log, "--actors", str(actors), "--threads-per-actor", str(threads),
+                       "--latency", str(latency), *extra)
+    return start_cli(tmp_path, *args), log, args
+
+
 def assert_exactly_once(tmp_path: Path, rows: int) -> pl.DataFrame:
     led = pl.read_parquet(tmp_path / "runs/c/ledger.parquet")
     assert led.height == rows
@@ -87,11 +97,7 @@ def assert_exactly_once(tmp_path: Path, rows: int) -> pl.DataFrame:
 @pytest.mark.slow
 def test_driver_sigkill_then_resume(tmp_path: Path) -> None:
     rows, actors, threads, latency = 3000, 2, 10, 0.05
-    write_recipients(tmp_path / "in.parquet", rows)
-    log = tmp_path / "sends.log"
-    args = common_args(log, "--actors", str(actors), "--threads-per-actor", str(threads),
-                       "--latency", str(latency), "--batch-size", "200")
-    proc = start_cli(tmp_path, *args)
+    proc, log, args = launch(tmp_path, rows, "--batch-size", "200")
     wait_for_sends(log, rows // 2, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -117,15 +123,11 @@ def test_driver_sigkill_then_resume(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sender_actor_sigkill_run_completes(tmp_path: Path) -> None:
-    rows, actors, threads, latency = 3000, 2, 10, 0.05
-    write_recipients(tmp_path / "in.parquet", rows)
-    log = tmp_path / "sends.log"
+    rows, threads, latency = 3000, 10, 0.05
     # 750-row batches, two in flight per actor, killed at 600 sends (about 150 into each batch):
     # the kill always lands mid-batch. Without the journal check on retry, the retried batches
     # resend the ~300 rows that actor had already sent, far above the bound asserted (120).
-    args = common_args(log, "--actors", str(actors), "--threads-per-actor", str(threads),
-                       "--latency", str(latency), "--batch-size", "750")
-    proc = start_cli(tmp_path, *args)
+    proc, log, _ = launch(tmp_path, rows, "--batch-size", "750")
     wait_for_sends(log, 600, proc)
     victims = sender_processes(proc.pid)
     assert victims, "no sender actor process found"
@@ -144,10 +146,7 @@ def test_sender_actor_sigkill_run_completes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
     rows = 3000
-    write_recipients(tmp_path / "in.parquet", rows)
-    log = tmp_path / "sends.log"
-    args = common_args(log, "--actors", "2", "--threads-per-actor", "10", "--latency", "0.05")
-    proc = start_cli(tmp_path, *args)
+    proc, log, args = launch(tmp_path, rows)
     wait_for_sends(log, 400, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=90)
@@ -170,11 +169,7 @@ def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_second_signal_exits_at_once_and_ledger_stays_readable(tmp_path: Path) -> None:
     rows, actors, threads, latency = 3000, 2, 10, 0.05
-    write_recipients(tmp_path / "in.parquet", rows)
-    log = tmp_path / "sends.log"
-    args = common_args(log, "--actors", str(actors), "--threads-per-actor", str(threads),
-                       "--latency", str(latency))
-    proc = start_cli(tmp_path, *args)
+    proc, log, args = launch(tmp_path, rows)
     wait_for_sends(log, 400, proc)
     proc.send_signal(signal.SIGTERM)  # the first: a graceful stop begins
     time.sleep(0.2)
