@@ -12,7 +12,7 @@ import polars as pl
 
 from . import storage
 from .config import SendConfig
-from .ledger import DUPLICATE, FAILED, INVALID, SENT, SUPPRESSED
+from .ledger import DUPLICATE, FAILED, INVALID, SENT, SUPPRESSED, latest
 from .recipients import Loaded
 
 Report = dict[str, Any]
@@ -74,7 +74,7 @@ def build(*, campaign: str, run_id: str, run_dir: str, input: str, send: SendCon
           batch_size: int, loaded: Loaded, this_run: pl.DataFrame, ledger: pl.DataFrame,
           stages: dict[str, float], ray_stats: list[dict[str, Any]], totals: dict[str, int],
           started_at: float, interrupted: bool) -> Report:
-    run_latest = this_run.sort("finished_at").unique("id", keep="last")
+    run_latest = latest(this_run)  # one row per id, as the ledger itself reads
     run_counts = status_counts(run_latest)
     not_sent = loaded.to_send.height - run_counts[SENT] - run_counts[FAILED]
     accounted = (sum(run_counts.values()) + loaded.already_done + not_sent)
