@@ -1,70 +1,88 @@
 """The Ray side of sending: the per-run coordinator actor and the batch UDF run by the pool.
 
 `SendBatches` is a Ray Data callable class: setup in `__init__` (sender, engine, ledger
-writer), work in `__call__(batch)`. It is handed to `map_batches` with an ActorPoolStrategy.
+writer), work in `__call__(batch)`. Its `map_batches` arguments live beside it
+(`SendBatches.map_batches_kwargs`), as Ray's own batch stages keep theirs with their UDF.
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
 import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
-from . import ledger, ratelimit
+from . import ledger, messages
 from .config import SendConfig
-from .engine import AsyncEngine, BatchCounts, Engine, ThreadEngine
-from .messages import Message, id_domain
-from .senders import AsyncSender, Sender, make_sender
+from .sending import AsyncSender, Sender, make_sender, ratelimit
+from .sending.aio import AsyncEngine
+from .sending.engine import BatchCounts, Engine
+from .sending.threads import ThreadEngine
 
 SUMMARY_SCHEMA = pa.schema([
     ("rows", pa.int64()), ("sent", pa.int64()), ("failed", pa.int64()),
     ("abandoned", pa.int64()), ("skipped", pa.int64()), ("attempts", pa.int64()),
     ("retries", pa.int64()), ("crashed", pa.int64()), ("finished_at", pa.float64()),
 ])
+NOT_STARTED = 0  # begin_batch's answer once the run stops: the batch is left for the resume
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class Coordinator:
-    """Per-run shared state the sender actors consult: batch attempt counts and the stop flag.
+    """Per-run shared state the sender actors consult: batch attempt counts, the batches under
+    way, and whether they may still send (the stop flag and the campaign lease's deadline).
 
-    It asks for no CPU and is pinned to the driver's node, so it lives exactly as long as the run.
+    It asks for no CPU and is pinned to the driver's node, so it lives exactly as long as the
+    run, and its clock is the driver's, the clock the lease deadline was computed with.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, valid_until: float | None = None) -> None:
         self._attempts: dict[str, int] = {}
         self._stopping = False
+        self._active = 0
+        self._valid_until = valid_until  # None: no lease (it never runs out)
 
     def begin_batch(self, key: str) -> int:
-        """Count an attempt at a batch as it starts running. Above 1: a worker died running it."""
+        """Count an attempt at a batch as it starts running (above 1: a worker died running
+        it). Once the run is stopping, nothing new starts: NOT_STARTED."""
+        if self.is_stopping():
+            return NOT_STARTED
         n = self._attempts.get(key, 0) + 1
         self._attempts[key] = n
+        self._active += 1
         return n
+
+    def end_batch(self) -> None:
+        """A batch's sends are over and its ledger rows are flushed."""
+        self._active -= 1
+
+    def active(self) -> int:
+        return self._active
 
     def attempts(self, key: str) -> int:
         """How often a batch has started running (0: never, this is its first delivery)."""
         return self._attempts.get(key, 0)
 
+    def extend(self, valid_until: float) -> None:
+        """The lease was renewed: sending may go on until `valid_until` (driver clock)."""
+        self._valid_until = valid_until
+
     def stop(self) -> None:
         self._stopping = True
 
     def is_stopping(self) -> bool:
+        if not self._stopping and self._valid_until is not None and time.time() > self._valid_until:
+            self._stopping = True  # the driver stopped renewing: a taker may already be sending
         return self._stopping
 
-    def crashed_batches(self) -> int:
-        return sum(1 for n in self._attempts.values() if n > 1)
 
-
-# The global rate limit's one authority (ratelimit.py). Pinned to the driver's node by the
-# caller, like the Coordinator, and never restarted: its state is the schedule itself.
+# The global rate limit's one authority (sending/ratelimit.py). Pinned to the driver's node by
+# the caller, like the Coordinator, and never restarted: its state is the schedule itself.
 RateLimiter = ray.remote(num_cpus=0, max_restarts=0)(ratelimit.SlotSchedule)
 
 
@@ -76,49 +94,37 @@ def _summary(rows: int, counts: BatchCounts, skipped: int = 0, crashed: int = 0)
     }, schema=SUMMARY_SCHEMA)
 
 
-class _Columns:
-    """A batch's template columns, each turned into Python values only when first read: the
-    fake sender never reads them, and SMTP reads every one once."""
-
-    __slots__ = ("_batch", "names", "_lists")
-
-    def __init__(self, batch: pa.Table, names: tuple[str, ...]) -> None:
-        self._batch = batch
-        self.names = names
-        self._lists: dict[str, list[Any]] = {}
-
-    def get(self, name: str, i: int) -> Any:
-        values = self._lists.get(name)
-        if values is None:  # two threads may both convert: same values, no harm
-            values = self._lists[name] = self._batch.column(name).to_pylist()
-        return values[i]
-
-
-class _RowFields(Mapping[str, Any]):
-    """One recipient's template fields (Message.fields), read from its batch's columns."""
-
-    __slots__ = ("_cols", "_i")
-
-    def __init__(self, cols: _Columns, i: int) -> None:
-        self._cols = cols
-        self._i = i
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self._cols.names:
-            raise KeyError(name)
-        return self._cols.get(name, self._i)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._cols.names)
-
-    def __len__(self) -> int:
-        return len(self._cols.names)
-
-
 class SendBatches:
     """Sends each batch of recipients through one long-lived engine per actor."""
 
-    def __init__(self, *, run_dir: str, campaign: str, run_id: str, config: SendConfig,
+    @classmethod
+    def for_campaign(cls, campaign: str) -> type[SendBatches]:
+        """This class under a name that carries the campaign: the dashboard lists pool actors
+        by their UDF's class name (`MapWorker(MapBatches(SendBatches[twin]))`), and Ray 2.60
+        deprecates the only way to name them one by one (`ray_remote_args_fn`)."""
+        return type(f"SendBatches[{campaign}]", (cls,), {"__module__": cls.__module__})
+
+    @staticmethod
+    def map_batches_kwargs(send: SendConfig, *, batch_size: int, calls: int,
+                           constructor: dict[str, Any],
+                           runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+        """Everything `Dataset.map_batches` needs to run this UDF as the send stage. Only
+        arguments Ray 2.60 does not deprecate: no `ray_remote_args_fn` (per-actor names) and no
+        `scheduling_strategy`; Ray Data spreads actors over the nodes by default."""
+        return dict(
+            fn_constructor_kwargs=constructor, batch_size=batch_size, batch_format="pyarrow",
+            zero_copy_batch=True,
+            # `calls` batches in flight per actor, on as many threads, so the engine's pool
+            # stays full across batch boundaries (docs/ray-notes.md).
+            compute=ray.data.ActorPoolStrategy(
+                size=send.actors, max_tasks_in_flight_per_actor=calls,
+                max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True),
+            num_cpus=send.cpus_per_actor,
+            # Actors on other nodes do not share the driver's environment: the storage
+            # settings (S3 endpoint, region; never credentials) travel here.
+            runtime_env=runtime_env)
+
+    def __init__(self, *, run_dir: str, campaign: str, run_id: str, epoch: int, config: SendConfig,
                  coordinator: Any, fields: tuple[str, ...], rate_limiter: Any = None) -> None:
         # The cyclic GC, not sending, was half of an async actor's CPU: asyncio allocates a few
         # container objects per email (future, timer handle, coroutine), so at the default
@@ -129,20 +135,19 @@ class SendBatches:
         # actor's process does nothing but send.
         gc.set_threshold(50_000, 20, 100)
         ctx = ray.get_runtime_context()
-        # The pool names its actors (campaign.py); the id's leading hex is unique, its tail is
-        # the job id.
-        name = ctx.get_actor_name() if hasattr(ctx, "get_actor_name") else None
-        self.actor = name or f"sender-{(ctx.get_actor_id() or os.urandom(6).hex())[:12]}"
+        # Pool actors have no names of their own (Ray 2.60 deprecates the only way to give
+        # them one); the id's leading hex is unique, its tail is the job id.
+        self.actor = f"sender-{(ctx.get_actor_id() or os.urandom(6).hex())[:12]}"
         self.node = ctx.get_node_id() or "local"
         self.run_dir = run_dir
         self.campaign = campaign
         self.config = config
         self.coordinator = coordinator
         self.fields = fields
-        self.domain = id_domain(config.message.from_addr)
+        self.domain = messages.id_domain(config.message.from_addr)
         self.ledger = ledger.LedgerWriter(run_dir, writer=self.actor, node=self.node, run=run_id,
-                                          flush_seconds=config.flush_seconds)
-        sender = make_sender(config)
+                                          epoch=epoch, flush_seconds=config.flush_seconds)
+        sender = make_sender(config, campaign=campaign)
         from .metrics import SendMetrics
         self.metrics = (SendMetrics(campaign=campaign, actor=self.actor, node=self.node)
                         if config.metrics else None)
@@ -167,22 +172,8 @@ class SendBatches:
         (a segfault in TaskCounter::UnsetMetricStatus), which would restart the actor."""
         try:
             return bool(ray.get(self.coordinator.is_stopping.remote(), timeout=10))
-        except Exception:  # noqa: BLE001 - the coordinator is gone: the run is ending anyway
-            return False
-
-    def _messages(self, batch: pa.Table, skip: set[int]) -> list[Message]:
-        # Vectorised over the batch: building each Message with a per-row f-string and a
-        # fields dict was a third of an actor's CPU at 60,000 emails/s (py-spy).
-        if skip:
-            batch = batch.filter(pc.invert(pc.is_in(batch.column("id"),
-                                                    value_set=pa.array(sorted(skip), pa.int64()))))
-        id_col = batch.column("id")
-        # The same text as messages.message_id(campaign, id, domain), built by Arrow.
-        mids = pc.binary_join_element_wise(f"<{self.campaign}.", pc.cast(id_col, pa.string()),
-                                           f"@{self.domain}>", "").to_pylist()
-        columns = _Columns(batch, tuple(f for f in self.fields if f in batch.column_names))
-        return list(map(Message, id_col.to_pylist(), batch.column("email").to_pylist(), mids,
-                        map(_RowFields, itertools.repeat(columns), range(batch.num_rows))))
+        except Exception:  # noqa: BLE001 - the coordinator is gone: the run is ending, stop
+            return True
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("id")
@@ -191,36 +182,43 @@ class SendBatches:
             return _summary(0, BatchCounts())
         key = f"{ids[0].as_py()}:{ids[n - 1].as_py()}:{n}"
         if ray.get(self.coordinator.attempts.remote(key)) == 0:
-            ray.get(self.coordinator.begin_batch.remote(key))
-            return self._send(batch, key, attempt=1)
+            return self._begin(batch, key)
         # A worker died while this batch was running. Retried batches run one at a time per
         # actor, and an attempt counts only once the batch holds the lock: a healthy batch that
         # happened to share an actor with a poisoned one then crashes at most once more, and
         # finishes when it runs alone, while the poisoned one runs out of attempts.
         with self._retry_lock:
-            attempt = ray.get(self.coordinator.begin_batch.remote(key))
-            return self._send(batch, key, attempt=attempt)
+            return self._begin(batch, key)
 
-    def _send(self, batch: pa.Table, key: str, *, attempt: int) -> pa.Table:
+    def _begin(self, batch: pa.Table, key: str) -> pa.Table:
+        attempt = ray.get(self.coordinator.begin_batch.remote(key))
+        if attempt == NOT_STARTED:  # the run is stopping: leave the whole batch for the resume
+            return _summary(batch.num_rows, BatchCounts(abandoned=batch.num_rows))
+        try:
+            return self._send(batch, attempt=attempt)
+        finally:
+            ray.get(self.coordinator.end_batch.remote())
+
+    def _send(self, batch: pa.Table, *, attempt: int) -> pa.Table:
         skip: set[int] = set()
         if attempt > 1:
             # What the dead worker recorded before dying is not sent again.
             skip = ledger.recorded_ids(self.run_dir, batch.column("id").to_pylist())
         if attempt > self.config.max_batch_attempts:
             return self._give_up(batch, skip, attempt)
-        messages = self._messages(batch, skip)
-        counts = self._run(messages)
-        self.ledger.flush()  # durable before Ray Data counts the batch as done
+        counts = self._run(messages.from_batch(batch, campaign=self.campaign, domain=self.domain,
+                                               fields=self.fields, skip=skip))
+        self.ledger.flush()  # durable before Ray Data (or a stopping driver) counts it done
         return _summary(batch.num_rows, counts, skipped=len(skip), crashed=int(attempt > 1))
 
-    def _run(self, messages: list[Message]) -> BatchCounts:
+    def _run(self, batch: list[messages.Message]) -> BatchCounts:
         """`engine.run`; when no other batch is under way here, the actor's work has run out
         (Ray Data keeps two batches in flight while it has any), so rate slots it holds go
         back to the schedule for the other actors instead of leaving a hole in the rate."""
         with self._calls_lock:
             self._calls += 1
         try:
-            return self.engine.run(messages, should_stop=self._stop_requested)
+            return self.engine.run(batch, should_stop=self._stop_requested)
         finally:
             if self.metrics is not None:
                 self.metrics.flush()  # a finished batch shows in the metrics at Ray's next export
@@ -235,7 +233,8 @@ class SendBatches:
                   "not tried again")
         now = time.time()
         counts = BatchCounts()
-        for m in self._messages(batch, skip):
+        for m in messages.from_batch(batch, campaign=self.campaign, domain=self.domain,
+                                     fields=(), skip=skip):
             self.ledger.record(m.id, m.to, ledger.FAILED, 0, reason, None, now, None, m.message_id)
             counts.failed += 1
         self.ledger.flush()

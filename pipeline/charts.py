@@ -9,7 +9,7 @@
 Everything is aggregated in polars first (per-second counts, a histogram, in-flight counts at
 a few hundred instants), so a 1M-row ledger is drawn in well under a second. matplotlib is
 used through its object API with the Agg canvas: no pyplot, no global backend, safe in any
-thread. A chart that fails is reported in the report (`chart_errors`), never fails the run.
+thread. A chart that fails is listed in the report (`chart_errors`), never fails the run.
 """
 
 from __future__ import annotations
@@ -157,9 +157,10 @@ def stages(rep: dict[str, Any], run_dir: str) -> str | None:
     return _save(fig, run_dir, "stages.png")
 
 
-def write_charts(rep: dict[str, Any], this_run: pl.DataFrame, run_dir: str) -> list[str]:
-    """Draw every chart that the run's data allows; returns their file names (relative to
-    `run_dir`). Failures are listed in `rep["chart_errors"]` and never raised."""
+def write_charts(rep: dict[str, Any], this_run: pl.DataFrame,
+                 run_dir: str) -> tuple[list[str], list[str]]:
+    """Draw every chart that the run's data allows, from the report's JSON rendering; returns
+    their file names (relative to `run_dir`) and the failures, which are never raised."""
     written: list[str] = []
     errors: list[str] = []
 
@@ -185,6 +186,4 @@ def write_charts(rep: dict[str, Any], this_run: pl.DataFrame, run_dir: str) -> l
         attempt("in_flight", lambda: in_flight(rep, windows, run_dir, t0))
         attempt("latency", lambda: latency(rep, rows, run_dir))
     attempt("stages", lambda: stages(rep, run_dir))
-    if errors:
-        rep["chart_errors"] = errors
-    return written
+    return written, errors

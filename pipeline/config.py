@@ -91,7 +91,9 @@ class SendConfig:
     rate: float | None = None  # emails per second across the whole cluster
     flush_seconds: float = 0.5
     max_batch_attempts: int = 3  # a batch whose worker dies this often is recorded as failed
-    stop_timeout: float = 30.0
+    # After a stop request, how long sends already under way may take to finish and be
+    # recorded before the run exits anyway (a send cut off then may be repeated on resume).
+    stop_timeout: float = 5.0
     # Ray metrics: the actors' counters and histogram (metrics.py) and, for a local Ray, Ray's
     # own metrics pipeline, whose agent used 7.7 s of CPU in a 1M async run on 2 cores (17% of
     # the run's CPU). --no-metrics turns both off for runs nobody watches.
@@ -114,6 +116,8 @@ class SendConfig:
             raise UsageError(f"--cpus-per-actor must be positive, got {self.cpus_per_actor}")
         if self.rate is not None and self.rate <= 0:
             raise UsageError(f"--rate must be positive, got {self.rate}")
+        if self.stop_timeout < 0:
+            raise UsageError(f"--stop-timeout must not be negative, got {self.stop_timeout}")
 
     @property
     def concurrency(self) -> int:
@@ -143,6 +147,9 @@ class CampaignConfig:
     timeline: str | None = None
     dry_run: int | None = None
     charts: bool = True
+    verbose: bool = False  # Ray's own log lines on the console too
+    # Seconds a dead holder's lease on the campaign outlives its last heartbeat (lease.py).
+    lease_ttl: float = 10.0
     send: SendConfig = field(default_factory=SendConfig)
 
     def __post_init__(self) -> None:
@@ -150,6 +157,8 @@ class CampaignConfig:
             check_campaign_name(self.campaign)
         if self.dry_run is not None and self.dry_run < 1:
             raise UsageError(f"--dry-run must be at least 1, got {self.dry_run}")
+        if self.lease_ttl < 1:
+            raise UsageError(f"--lease-ttl must be at least 1 second, got {self.lease_ttl}")
 
 
 def check_campaign_name(name: str) -> str:

@@ -4,8 +4,11 @@ against the ideal, latency percentiles. Plain functions over polars frames; no R
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -15,7 +18,6 @@ from .config import SendConfig
 from .ledger import DUPLICATE, FAILED, INVALID, SENT, SUPPRESSED, latest
 from .recipients import Loaded
 
-Report = dict[str, Any]
 STAGE_ORDER = ("load", "ray_start", "partition", "send", "ray_stop", "ledger", "report", "render")
 
 
@@ -39,7 +41,7 @@ def efficiency(rows: pl.DataFrame, send: SendConfig) -> dict[str, Any]:
     attempts = int(tried["attempts"].sum() or 0)
     if first is None or last is None or last <= first:
         return {"window_s": 0.0, "emails_per_s": 0.0, "ideal_s": 0.0, "efficiency": None,
-                "attempts": attempts}
+                "attempts": attempts, "ideal_emails_per_s": None}
     window = last - first
     ideal = attempts * send.latency / send.total_concurrency if send.sender == "fake" else None
     return {
@@ -70,10 +72,99 @@ def status_counts(frame: pl.DataFrame) -> dict[str, int]:
     return counts
 
 
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    mode: str
+    sender: str
+    actors: int
+    concurrency_per_actor: int
+    total_concurrency: int
+    latency_s: float
+    max_attempts: int
+    batch_size: int
+    rate: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Counts:
+    """This run's outcomes; `reconciled`: every input row is accounted for exactly once."""
+
+    input_rows: int
+    already_done: int
+    sent: int
+    failed: int
+    invalid: int
+    duplicate: int
+    suppressed: int
+    not_sent: int
+    reconciled: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendStats:
+    window_s: float
+    emails_per_s: float
+    attempts: int
+    ideal_s: float | None
+    efficiency: float | None
+    ideal_emails_per_s: float | None
+    retries: int
+    repeated_records: int
+    crashed_batches: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Latency:
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    """One run's report, built once at its end; JSON and Markdown are renderings of it."""
+
+    campaign: str
+    run_id: str
+    run_dir: str
+    input: str
+    started_at: str
+    interrupted: bool
+    lease_lost: bool
+    config: Settings
+    counts: Counts
+    campaign_counts: Mapping[str, int]
+    stages_s: Mapping[str, float]
+    total_s: float
+    send: SendStats
+    latency_s: Latency
+    ray_data: tuple[Mapping[str, Any], ...]
+    log_file: str | None = None
+    charts: tuple[str, ...] = ()
+    chart_errors: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if not self.chart_errors:
+            del out["chart_errors"]
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DryRunReport:
+    campaign: str
+    run_dir: str
+    dry_run: int  # .eml files written
+    counts: Mapping[str, int]
+    stages_s: Mapping[str, float]
+
+
 def build(*, campaign: str, run_id: str, run_dir: str, input: str, send: SendConfig,
           batch_size: int, loaded: Loaded, this_run: pl.DataFrame, ledger: pl.DataFrame,
-          stages: dict[str, float], ray_stats: list[dict[str, Any]], totals: dict[str, int],
-          started_at: float, interrupted: bool) -> Report:
+          stages: Mapping[str, float], ray_stats: tuple[Mapping[str, Any], ...],
+          crashed_batches: int, started_at: float, interrupted: bool, lease_lost: bool = False,
+          log_file: str | None = None) -> Report:
     run_latest = latest(this_run)  # one row per id, as the ledger itself reads
     run_counts = status_counts(run_latest)
     not_sent = loaded.to_send.height - run_counts[SENT] - run_counts[FAILED]
@@ -81,42 +172,35 @@ def build(*, campaign: str, run_id: str, run_dir: str, input: str, send: SendCon
     repeated = this_run.filter(pl.col("status") == SENT).height - run_latest.filter(
         pl.col("status") == SENT).height
     sent_rows = run_latest.filter(pl.col("status").is_in([SENT, FAILED]))
-    return {
-        "campaign": campaign,
-        "run_id": run_id,
-        "run_dir": run_dir,
-        "input": input,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
-        "interrupted": interrupted,
-        "config": {
-            "mode": send.mode, "sender": send.sender, "actors": send.actors,
-            "concurrency_per_actor": send.concurrency, "total_concurrency": send.total_concurrency,
-            "latency_s": send.latency, "max_attempts": send.retry.max_attempts,
-            "batch_size": batch_size, "rate": send.rate,
-        },
-        "counts": {
-            "input_rows": loaded.input_rows,
-            "already_done": loaded.already_done,
-            **run_counts,
-            "not_sent": not_sent,
-            "reconciled": accounted == loaded.input_rows,
-        },
-        "campaign_counts": status_counts(ledger),
-        "stages_s": {k: round(stages[k], 3) for k in STAGE_ORDER if k in stages},
-        "total_s": round(time.time() - started_at, 3),
-        "send": efficiency(sent_rows, send) | {
-            "retries": int(sent_rows["attempts"].sum() or 0) - sent_rows.height,
-            "repeated_records": repeated, "crashed_batches": totals.get("crashed", 0)},
-        "latency_s": latency(sent_rows),
-        "ray_data": ray_stats,
-    }
+    return Report(
+        campaign=campaign, run_id=run_id, run_dir=run_dir, input=input,
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        interrupted=interrupted, lease_lost=lease_lost, log_file=log_file,
+        config=Settings(
+            mode=send.mode, sender=send.sender, actors=send.actors,
+            concurrency_per_actor=send.concurrency, total_concurrency=send.total_concurrency,
+            latency_s=send.latency, max_attempts=send.retry.max_attempts,
+            batch_size=batch_size, rate=send.rate),
+        counts=Counts(input_rows=loaded.input_rows, already_done=loaded.already_done,
+                      **run_counts, not_sent=not_sent,
+                      reconciled=accounted == loaded.input_rows),
+        campaign_counts=status_counts(ledger),
+        stages_s={k: round(stages[k], 3) for k in STAGE_ORDER if k in stages},
+        total_s=round(time.time() - started_at, 3),
+        send=SendStats(**efficiency(sent_rows, send),
+                       retries=int(sent_rows["attempts"].sum() or 0) - sent_rows.height,
+                       repeated_records=repeated, crashed_batches=crashed_batches),
+        latency_s=Latency(**latency(sent_rows)),
+        ray_data=ray_stats,
+    )
 
 
-def build_dry_run(plan: Any, loaded: Loaded, stages: dict[str, float], written: int) -> Report:
-    return {"campaign": plan.campaign, "run_dir": plan.run_dir, "dry_run": written,
-            "counts": {"input_rows": loaded.input_rows, "already_done": loaded.already_done,
-                       **loaded.counts},
-            "stages_s": {k: round(v, 3) for k, v in stages.items()}}
+def build_dry_run(*, campaign: str, run_dir: str, loaded: Loaded, stages: Mapping[str, float],
+                  written: int) -> DryRunReport:
+    return DryRunReport(campaign=campaign, run_dir=run_dir, dry_run=written,
+                        counts={"input_rows": loaded.input_rows,
+                                "already_done": loaded.already_done, **loaded.counts},
+                        stages_s={k: round(v, 3) for k, v in stages.items()})
 
 
 def _fmt(v: Any) -> str:
@@ -131,58 +215,66 @@ def _fmt(v: Any) -> str:
 
 def summary_rows(rep: Report) -> list[tuple[str, str]]:
     """The summary as (label, value) rows, shared by the terminal table and report.md."""
-    c, s, lat = rep["counts"], rep["send"], rep["latency_s"]
-    cfg = rep["config"]
+    c, s, lat, cfg = rep.counts, rep.send, rep.latency_s, rep.config
     rows = [
-        ("campaign", rep["campaign"]),
-        ("mode", f"{cfg['mode']} · {cfg['actors']} actors × {cfg['concurrency_per_actor']} "
-                 f"= {cfg['total_concurrency']} concurrent · sender {cfg['sender']}"
-                 + (f" · latency {cfg['latency_s']} s" if cfg["sender"] == "fake" else "")),
-        ("input rows", _fmt(c["input_rows"])),
-        ("already done (resume)", _fmt(c["already_done"])),
-        ("sent", _fmt(c[SENT])), ("failed", _fmt(c[FAILED])), ("invalid", _fmt(c[INVALID])),
-        ("duplicate", _fmt(c[DUPLICATE])), ("suppressed", _fmt(c[SUPPRESSED])),
-        ("not sent (stopped)", _fmt(c["not_sent"])),
-        ("reconciled", "yes" if c["reconciled"] else "NO"),
+        ("campaign", rep.campaign),
+        ("mode", f"{cfg.mode} · {cfg.actors} actors × {cfg.concurrency_per_actor} "
+                 f"= {cfg.total_concurrency} concurrent · sender {cfg.sender}"
+                 + (f" · latency {cfg.latency_s} s" if cfg.sender == "fake" else "")),
+        ("input rows", _fmt(c.input_rows)),
+        ("already done (resume)", _fmt(c.already_done)),
+        ("sent", _fmt(c.sent)), ("failed", _fmt(c.failed)), ("invalid", _fmt(c.invalid)),
+        ("duplicate", _fmt(c.duplicate)), ("suppressed", _fmt(c.suppressed)),
+        ("not sent (stopped)", _fmt(c.not_sent)),
+        ("reconciled", "yes" if c.reconciled else "NO"),
     ]
-    rows += [(f"stage {k} (s)", _fmt(v)) for k, v in rep["stages_s"].items()]
+    rows += [(f"stage {k} (s)", _fmt(v)) for k, v in rep.stages_s.items()]
     rows += [
-        ("total wall (s)", _fmt(rep["total_s"])),
-        ("send window (s)", _fmt(s["window_s"])),
-        ("emails/s", _fmt(s["emails_per_s"])),
-        ("efficiency vs ideal", "–" if s.get("efficiency") is None else f"{s['efficiency']:.3f}"),
-        ("retries", _fmt(s["retries"])),
-        ("latency p50/p95/p99 (s)", f"{_fmt(lat['p50'])} / {_fmt(lat['p95'])} / {_fmt(lat['p99'])}"),
+        ("total wall (s)", _fmt(rep.total_s)),
+        ("send window (s)", _fmt(s.window_s)),
+        ("emails/s", _fmt(s.emails_per_s)),
+        ("efficiency vs ideal", "–" if s.efficiency is None else f"{s.efficiency:.3f}"),
+        ("retries", _fmt(s.retries)),
+        ("latency p50/p95/p99 (s)", f"{_fmt(lat.p50)} / {_fmt(lat.p95)} / {_fmt(lat.p99)}"),
     ]
     return rows
 
 
-def to_markdown(rep: Report, charts: list[str] | None = None) -> str:
-    lines = [f"# bulkmail report: {rep['campaign']}", "", f"Run `{rep['run_id']}` started "
-             f"{rep['started_at']}; input `{rep['input']}`.", "", "| | |", "|---|---|"]
+def to_markdown(rep: Report) -> str:
+    lines = [f"# bulkmail report: {rep.campaign}", "", f"Run `{rep.run_id}` started "
+             f"{rep.started_at}; input `{rep.input}`.", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(rep)]
-    if rep.get("ray_data"):
+    if rep.ray_data:
         lines += ["", "## Ray Data operators", "",
                   "| operator | operator time (s) | task wall, sum (s) | task CPU, sum (s) | rows |",
                   "|---|---|---|---|---|"]
-        for op in rep["ray_data"]:
+        for op in rep.ray_data:
             wall = op.get("wall_time", {}).get("sum")
             cpu = op.get("cpu_time", {}).get("sum")
             rows = op.get("output_num_rows", {}).get("sum")
             lines.append(f"| {op['operator']} | {_fmt(op.get('time_total_s'))} | {_fmt(wall)} | "
                          f"{_fmt(cpu)} | {_fmt(rows)} |")
-    for chart in charts or []:
+    for chart in rep.charts:
         lines += ["", f"![{chart}]({chart})"]
     return "\n".join(lines) + "\n"
 
 
-def write_charts(rep: Report, this_run: pl.DataFrame, run_dir: str) -> list[str]:
-    """PNG charts beside report.md (file names relative to the run directory)."""
+def finish(rep: Report, stages: Mapping[str, float], started_at: float) -> Report:
+    """`rep` with the final stage times (the report stage's own included) and total wall."""
+    return dataclasses.replace(
+        rep, stages_s={k: round(stages[k], 3) for k in STAGE_ORDER if k in stages},
+        total_s=round(time.time() - started_at, 3))
+
+
+def with_charts(rep: Report, this_run: pl.DataFrame) -> Report:
+    """`rep` with its PNG charts drawn beside report.md (names relative to the run directory);
+    a chart that fails is listed in `chart_errors`, never raised."""
     from .charts import write_charts as draw
-    return draw(rep, this_run, run_dir)
+    names, errors = draw(rep.to_json(), this_run, rep.run_dir)
+    return dataclasses.replace(rep, charts=tuple(names), chart_errors=tuple(errors))
 
 
-def write(rep: Report, run_dir: str) -> None:
-    rep.setdefault("charts", [])
-    storage.write_text(storage.join(run_dir, "report.json"), json.dumps(rep, indent=2, default=str))
-    storage.write_text(storage.join(run_dir, "report.md"), to_markdown(rep, rep["charts"]))
+def write(rep: Report) -> None:
+    storage.write_text(storage.join(rep.run_dir, "report.json"),
+                       json.dumps(rep.to_json(), indent=2, default=str))
+    storage.write_text(storage.join(rep.run_dir, "report.md"), to_markdown(rep))

@@ -128,20 +128,10 @@ def delete_dir(path: str) -> None:
 
 
 def write_table(table: pa.Table, path: str) -> None:
-    """Write Parquet so that a reader never sees half a file.
-
-    Locally: write a hidden temporary beside it, then rename (atomic on POSIX), so a process
-    killed mid-write leaves either nothing or a whole file. Object stores publish whole
-    objects only, so they are written directly.
-    """
-    fs, p = resolve(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        directory, name = os.path.split(p)
-        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, p)
-    else:
-        pq.write_table(table, p, filesystem=fs, compression="zstd")
+    """Write Parquet so that a reader never sees half a file (see `write_bytes`)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(path, sink.getvalue())
 
 
 def read_table(path: str) -> pa.Table:
@@ -153,7 +143,10 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes | pa.Buffer) -> None:
+    """The one atomic write. Locally: a hidden temporary beside the target, then a rename
+    (atomic on POSIX), so a process killed mid-write leaves either nothing or a whole file.
+    Object stores publish whole objects only, so they are written directly."""
     fs, p = resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):
         directory, name = os.path.split(p)

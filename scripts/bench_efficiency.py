@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline import recipients
+from pipeline import generate
 from pipeline.campaign import run_campaign
 from pipeline.config import CampaignConfig, SendConfig
 
@@ -35,13 +35,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bulkmail-bench-"))
     try:
         path = work / "in.parquet"
-        recipients.generate(a.rows, seed=1).write_parquet(path)
+        generate.generate(a.rows, seed=1).write_parquet(path)
         config = CampaignConfig(
             input=str(path), campaign="bench", runs_dir=str(work / "runs"), dashboard=False,
             charts=False, send=SendConfig(actors=a.actors, threads_per_actor=a.threads_per_actor,
                                           latency=a.latency))
         t0 = time.perf_counter()
-        rep = run_campaign(config)
+        rep = run_campaign(config).to_json()  # type: ignore[union-attr]
         wall = time.perf_counter() - t0
         led = pl.read_parquet(work / "runs/bench/ledger.parquet")
     finally:

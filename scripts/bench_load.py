@@ -42,7 +42,7 @@ def child(path: str, runs: str) -> None:
     t0 = time.perf_counter()
     rep = run_campaign(CampaignConfig(input=path, campaign="bench-load", runs_dir=runs,
                                       dry_run=1, dashboard=False, charts=False,
-                                      send=SendConfig()))
+                                      send=SendConfig())).to_json()
     wall = time.perf_counter() - t0
     print(json.dumps({"load_s": rep["stages_s"]["load"], "wall_s": round(wall, 2),
                       "baseline_rss_mb": round(baseline), "peak_rss_mb": round(_rss_mb()),
@@ -50,13 +50,13 @@ def child(path: str, runs: str) -> None:
 
 
 def ensure_input(rows: int, invalid: float, duplicate: float) -> tuple[Path, float]:
-    from pipeline import recipients
+    from pipeline import generate
     path = ROOT / "data" / "bench" / f"recipients-{rows}-{invalid}-{duplicate}.parquet"
     if path.exists():
         return path, 0.0
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    frame = recipients.generate(rows, seed=0, invalid_fraction=invalid, duplicate_fraction=duplicate)
+    frame = generate.generate(rows, seed=0, invalid_fraction=invalid, duplicate_fraction=duplicate)
     tmp = path.with_suffix(".tmp")
     frame.write_parquet(tmp)
     os.replace(tmp, path)

@@ -145,10 +145,10 @@ def ensure_input(path: Path, rows: int) -> None:
     if path.exists():
         return
     sys.path.insert(0, str(ROOT))
-    from pipeline import recipients
+    from pipeline import generate
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"generating {rows:,} recipients into {path}", flush=True)
-    recipients.generate(rows).write_parquet(path)
+    generate.generate(rows).write_parquet(path)
 
 
 def busy_cpu_seconds() -> float:

@@ -34,7 +34,7 @@ from typing import Any
 import polars as pl
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pipeline import recipients
+from pipeline import generate
 from pipeline.campaign import run_campaign
 from pipeline.config import CampaignConfig, MessageConfig, RetryPolicy, SendConfig, SmtpConfig
 
@@ -46,7 +46,7 @@ FROM = "bulkmail bench <bench@bulkmail.example>"
 
 def serve(port: int, delay: float, pipe: Connection) -> None:
     """The sink, in a child process: answers 'stats' and 'stop' on the pipe."""
-    from pipeline.sink import Sink
+    from pipeline.lab.sink import Sink
     sink = Sink("127.0.0.1", port, keep=False, delay=delay).start()
     pipe.send("ready")
     while True:
@@ -59,7 +59,7 @@ def serve(port: int, delay: float, pipe: Connection) -> None:
 
 class SinkProcess:
     def __init__(self, delay: float) -> None:
-        from pipeline.sink import free_port
+        from pipeline.lab.sink import free_port
         self.port = free_port()
         ctx = mp.get_context("spawn")
         self._pipe, child = ctx.Pipe()
@@ -107,7 +107,7 @@ def bulkmail(port: int, path: Path, work: Path, a: argparse.Namespace) -> dict[s
                                         max_per_connection=a.max_per_connection),
                         message=MessageConfig(from_addr=FROM, subject=SUBJECT,
                                               template=str(body)))))
-    return rep
+    return rep.to_json()  # type: ignore[union-attr]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
     try:
         path = work / "in.parquet"
-        people = recipients.generate(a.rows, seed=1)
+        people = generate.generate(a.rows, seed=1)
         people.write_parquet(path)
         lines = []
         for delay in a.delays:

@@ -137,10 +137,10 @@ class Bulkmail:
         self.inputs: dict[int, Path] = {}
 
     def input(self, rows: int) -> Path:
-        from pipeline import recipients
+        from pipeline import generate
         if rows not in self.inputs:
             path = self.work / f"in-{rows}.parquet"
-            recipients.generate(rows).write_parquet(path)
+            generate.generate(rows).write_parquet(path)
             self.inputs[rows] = path
         return self.inputs[rows]
 
@@ -155,7 +155,7 @@ class Bulkmail:
         config = CampaignConfig(input=str(self.input(emails)), runs_dir=str(self.work / "runs"),
                                 campaign=f"{mode}-{n}", restart=True, dashboard=False,
                                 charts=False, send=send)
-        rep = run_campaign(config)
+        rep = run_campaign(config).to_json()  # type: ignore[union-attr]
         s = rep["send"]
         assert rep["counts"]["sent"] == emails, rep["counts"]
         shutil.rmtree(self.work / "runs" / f"{mode}-{n}", ignore_errors=True)

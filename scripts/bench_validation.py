@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import polars as pl  # noqa: E402
 
-from pipeline import addresses, recipients  # noqa: E402
+from pipeline import addresses, generate, recipients  # noqa: E402
 
 
 def _cpu() -> float:
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the numbers here")
     a = ap.parse_args()
 
-    frame = recipients.generate(a.rows, seed=1, invalid_fraction=0.02, duplicate_fraction=0.02,
+    frame = generate.generate(a.rows, seed=1, invalid_fraction=0.02, duplicate_fraction=0.02,
                                 intl_fraction=0.02)
     trimmed = frame.lazy().with_columns(addresses.trim(pl.col("email")).alias("email"))
     res: dict[str, Any] = {"rows": a.rows, "cores": os.cpu_count(), "polars": pl.__version__}

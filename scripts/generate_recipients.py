@@ -6,7 +6,7 @@
         --intl-fraction 0.05 --label
     python scripts/generate_recipients.py --rows 1000000 --files 16 --out data/recipients/
 
-A thin command line over `pipeline.recipients.generate`; see its docstring for what each kind
+A thin command line over `pipeline.generate.generate`; see its docstring for what each kind
 of planted row looks like. Exit code 2 with one line on a bad flag.
 """
 
@@ -22,7 +22,7 @@ from typing import NoReturn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline import recipients, storage  # noqa: E402
+from pipeline import generate, storage  # noqa: E402
 from pipeline.errors import UsageError  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.files < 1:
             raise UsageError(f"--files must be at least 1, got {args.files}")
         t0 = time.perf_counter()
-        frame = recipients.generate(
+        frame = generate.generate(
             args.rows, seed=args.seed, invalid_fraction=args.invalid_fraction,
             duplicate_fraction=args.duplicate_fraction, injection_fraction=args.injection_fraction,
             intl_fraction=args.intl_fraction, label=args.label)

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from pipeline.sink import Sink
+from pipeline.lab.sink import Sink
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline import recipients
+from pipeline import generate
 from pipeline.config import CampaignConfig, SendConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """Ray starts once per session (3-5 s each time on this machine, RAY-NOTES.md)."""
+    """Ray starts once per session (3-5 s each time on this machine, docs/ray-notes.md)."""
     import ray
     # 8 logical CPUs on 2 cores: sender actors are I/O-bound and ask for 0.25 each.
     # address="local": without it ray.init joins a Ray already running here (another run's).
@@ -40,7 +40,7 @@ def ray_session() -> Iterator[None]:
 
 
 def write_recipients(path: Path, rows: int, **kwargs: Any) -> Path:
-    recipients.generate(rows, **kwargs).write_parquet(path)
+    generate.generate(rows, **kwargs).write_parquet(path)
     return path
 
 

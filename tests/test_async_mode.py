@@ -9,18 +9,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import types
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from pipeline import RetryPolicy, ledger
-from pipeline.actors import SendBatches
 from pipeline.campaign import run_campaign
-from pipeline.engine import AsyncEngine
-from pipeline.messages import Message, id_domain, message_id
-from pipeline.senders import FakeSender, SendResult, fake_outcome
+from pipeline.messages import Message, from_batch, id_domain, message_id
+from pipeline.sending import SendResult
+from pipeline.sending.aio import AsyncEngine
+from pipeline.sending.fake import FakeSender, fake_outcome
 
 from .conftest import campaign, read_ledger, write_recipients
 
@@ -49,9 +48,9 @@ def test_every_recipient_exactly_once(tmp_path: Path) -> None:
         pl.col("status") == "sent").height == 3000
     domain = id_domain("bulkmail <noreply@bulkmail.invalid>")
     assert led["message_id"].to_list() == [message_id("test", i, domain) for i in range(3000)]
-    assert rep["config"]["mode"] == "async" and rep["config"]["total_concurrency"] == 400
-    assert rep["counts"]["sent"] == 3000 and rep["counts"]["reconciled"]
-    assert rep["send"]["repeated_records"] == 0
+    assert rep.config.mode == "async" and rep.config.total_concurrency == 400
+    assert rep.counts.sent == 3000 and rep.counts.reconciled
+    assert rep.send.repeated_records == 0
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -67,8 +66,8 @@ def test_transient_failures_without_retries_fail_the_predicted_recipients(tmp_pa
     assert 300 < len(expected) < 500
     assert failed["error"].str.contains("421").all()
     assert (led["attempts"] == 1).all()
-    c = rep["counts"]
-    assert c["sent"] + c["failed"] == rows and c["failed"] == len(expected) and c["reconciled"]
+    c = rep.counts
+    assert c.sent + c.failed == rows and c.failed == len(expected) and c.reconciled
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -95,8 +94,8 @@ def test_retries_and_permanent_failures_recorded(tmp_path: Path) -> None:
     failed = led.filter(pl.col("status") == "failed")
     assert failed.filter(pl.col("id").is_in(list(permanent)))["error"].str.contains("550").all()
     assert failed.filter(~pl.col("id").is_in(list(permanent)))["error"].str.contains("421").all()
-    assert rep["send"]["retries"] == sum(a - 1 for _, a in expected.values())
-    assert rep["counts"]["reconciled"]
+    assert rep.send.retries == sum(a - 1 for _, a in expected.values())
+    assert rep.counts.reconciled
 
 
 # --------------------------------------------------------------------------- the engine alone
@@ -178,9 +177,8 @@ def test_vectorised_messages_match_the_per_row_definitions() -> None:
     frame = pl.DataFrame({"id": [5, 6, 7, 8], "email": ["a@x.org", "b@x.org", "c@x.org", "d@x.org"],
                           "name": ["Ada", "Bo", None, "Di"], "plan": ["pro", "free", "pro", "team"],
                           "extra": [1, 2, 3, 4]})
-    stub = types.SimpleNamespace(fields=("name", "plan", "missing"), campaign="camp.1",
-                                 domain="example.org")
-    msgs = SendBatches._messages(stub, frame.to_arrow(), {6})  # type: ignore[arg-type]
+    msgs = from_batch(frame.to_arrow(), campaign="camp.1", domain="example.org",
+                      fields=("name", "plan", "missing"), skip={6})
     assert [m.id for m in msgs] == [5, 7, 8]
     assert [m.to for m in msgs] == ["a@x.org", "c@x.org", "d@x.org"]
     assert [m.message_id for m in msgs] == [message_id("camp.1", i, "example.org") for i in (5, 7, 8)]

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from pipeline.campaign import run_campaign
-from pipeline.senders import fake_outcome
+from pipeline.sending.fake import fake_outcome
 
 from .conftest import campaign, read_ledger, write_recipients
 
@@ -29,14 +29,14 @@ def test_every_recipient_sent_exactly_once(tmp_path: Path) -> None:
     assert led["actor"].null_count() == 0 and led["node"].null_count() == 0
     assert led["actor"].n_unique() == 4
     assert led["message_id"].str.starts_with("<test.").all()
-    assert rep["counts"]["sent"] == 3000 and rep["counts"]["reconciled"]
+    assert rep.counts.sent == 3000 and rep.counts.reconciled
 
 
 def test_one_actor_one_thread(tmp_path: Path) -> None:
     path = write_recipients(tmp_path / "in.parquet", 40)
     rep = run_campaign(campaign(tmp_path, path, actors=1, threads_per_actor=1))
     assert read_ledger(tmp_path).height == 40
-    assert rep["counts"]["sent"] == 40
+    assert rep.counts.sent == 40
 
 
 def test_more_actors_than_rows(tmp_path: Path) -> None:
@@ -44,14 +44,14 @@ def test_more_actors_than_rows(tmp_path: Path) -> None:
     rep = run_campaign(campaign(tmp_path, path, actors=6, threads_per_actor=4))
     led = read_ledger(tmp_path)
     assert sorted(led["id"].to_list()) == [0, 1, 2]
-    assert rep["counts"]["sent"] == 3
+    assert rep.counts.sent == 3
 
 
 def test_zero_rows_ends_cleanly_with_empty_report(tmp_path: Path) -> None:
     path = write_recipients(tmp_path / "in.parquet", 0)
     rep = run_campaign(campaign(tmp_path, path))
-    assert rep["counts"]["input_rows"] == 0 and rep["counts"]["sent"] == 0
-    assert rep["counts"]["reconciled"]
+    assert rep.counts.input_rows == 0 and rep.counts.sent == 0
+    assert rep.counts.reconciled
     assert read_ledger(tmp_path).height == 0
     assert (tmp_path / "runs/test/report.json").exists()
 
@@ -69,16 +69,16 @@ def test_failures_recorded_with_error_and_counts_add_up(tmp_path: Path) -> None:
     assert 300 < len(expected_failed) < 500  # about 20%
     assert failed["error"].str.contains("421").all()
     assert led.filter(pl.col("status") == "sent")["error"].null_count() == rows - len(expected_failed)
-    c = rep["counts"]
-    assert c["sent"] + c["failed"] == rows == c["input_rows"]
-    assert c["reconciled"]
+    c = rep.counts
+    assert c.sent + c.failed == rows == c.input_rows
+    assert c.reconciled
 
 
 def test_report_has_every_stage_and_agrees_with_ledger(tmp_path: Path) -> None:
     path = write_recipients(tmp_path / "in.parquet", 1500)
     rep = run_campaign(campaign(tmp_path, path, actors=3, threads_per_actor=10, charts=True))
     saved = json.loads((tmp_path / "runs/test/report.json").read_text())
-    assert saved["counts"] == rep["counts"]
+    assert saved["counts"] == rep.to_json()["counts"]  # type: ignore[union-attr]
     for stage in ("load", "ray_start", "partition", "send", "ledger", "report"):
         assert stage in saved["stages_s"], stage
         assert saved["stages_s"][stage] >= 0
@@ -105,4 +105,4 @@ def test_input_with_only_an_email_column(tmp_path: Path) -> None:
     rep = run_campaign(campaign(tmp_path, path))
     led = read_ledger(tmp_path)
     assert sorted(led["id"].to_list()) == list(range(50))
-    assert (led["status"] == "sent").all() and rep["counts"]["reconciled"]
+    assert (led["status"] == "sent").all() and rep.counts.reconciled

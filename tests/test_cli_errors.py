@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline import recipients
+from pipeline import generate
 
 from .conftest import cli
 
@@ -29,7 +29,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     trap.mkdir(parents=True)
     (trap / "__init__.py").write_text(f"raise SystemExit({RAY_TRAP!r})\n")
     good = d / "good.parquet"
-    recipients.generate(200, seed=1).write_parquet(good, compression="zstd")
+    generate.generate(200, seed=1).write_parquet(good, compression="zstd")
     raw = good.read_bytes()
     (d / "truncated.parquet").write_bytes(raw[: len(raw) // 2])
     footer = int.from_bytes(raw[-8:-4], "little")
@@ -44,7 +44,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     pl.DataFrame({"id": [1, 2], "email": [1, 2]}).write_parquet(d / "intemail.parquet")
     pl.DataFrame({"id": [5, 5], "email": ["a@x.com", "b@x.com"], "name": ["A", "B"]}).write_parquet(
         d / "dupids.parquet")
-    recipients.generate(0).write_parquet(d / "empty.parquet")
+    generate.generate(0).write_parquet(d / "empty.parquet")
     return {p.stem: p for p in d.iterdir()} | {"trap": trap.parent}
 
 

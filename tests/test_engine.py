@@ -12,10 +12,13 @@ import polars as pl
 import pytest
 
 from pipeline.config import RetryPolicy
-from pipeline.engine import AsyncEngine, Engine, ThreadEngine
 from pipeline.ledger import LedgerWriter, read_journal
 from pipeline.messages import Message
-from pipeline.senders import FakeSender, SendResult
+from pipeline.sending import SendResult
+from pipeline.sending.aio import AsyncEngine
+from pipeline.sending.engine import Engine
+from pipeline.sending.fake import FakeSender
+from pipeline.sending.threads import ThreadEngine
 
 
 class FlakyOnce:

@@ -20,7 +20,7 @@ import pytest
 from pipeline import ledger
 from pipeline.campaign import run_campaign
 from pipeline.config import RetryPolicy
-from pipeline.senders import fake_outcome
+from pipeline.sending.fake import fake_outcome
 
 from .conftest import campaign, cli, read_ledger, write_recipients
 
@@ -229,7 +229,7 @@ def test_transient_failures_retried_until_sent(tmp_path: Path) -> None:
         expected.append(attempt)
     assert led.sort("id")["attempts"].to_list() == expected
     assert 500 < sum(a > 1 for a in expected) < 700
-    assert rep["send"]["retries"] == sum(expected) - rows
+    assert rep.send.retries == sum(expected) - rows
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -251,14 +251,14 @@ def test_resume_skips_done_and_restart_sends_again(tmp_path: Path) -> None:
     path = write_recipients(tmp_path / "in.parquet", rows)
     log = tmp_path / "sends.log"
     first = run_campaign(campaign(tmp_path, path, send_log=str(log), permanent_fail_rate=0.05))
-    assert first["counts"]["sent"] + first["counts"]["failed"] == rows
+    assert first.counts.sent + first.counts.failed == rows
     again = run_campaign(campaign(tmp_path, path, send_log=str(log), permanent_fail_rate=0.05))
-    assert again["counts"]["already_done"] == rows and again["counts"]["sent"] == 0
-    assert len(send_log(log)) == first["counts"]["sent"]  # nothing sent twice
+    assert again.counts.already_done == rows and again.counts.sent == 0
+    assert len(send_log(log)) == first.counts.sent  # nothing sent twice
     retry = run_campaign(campaign(tmp_path, path, send_log=str(log), retry_failed=True))
-    assert retry["counts"]["already_done"] == first["counts"]["sent"]
-    assert retry["counts"]["sent"] == first["counts"]["failed"]
+    assert retry.counts.already_done == first.counts.sent
+    assert retry.counts.sent == first.counts.failed
     assert (read_ledger(tmp_path)["status"] == "sent").all()
     restart = run_campaign(campaign(tmp_path, path, send_log=str(log), restart=True))
-    assert restart["counts"]["already_done"] == 0 and restart["counts"]["sent"] == rows
+    assert restart.counts.already_done == 0 and restart.counts.sent == rows
     assert len(send_log(log)) == 2 * rows

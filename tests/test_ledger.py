@@ -32,7 +32,7 @@ def test_parts_hold_every_column_and_consolidate_to_one_row_per_id(tmp_path: Pat
         "failed", 3, "421 busy", "a", "node-1", "r1")
     assert abs(row["finished_at"].timestamp() - (now + 2)) < 1e-3
 
-    led = ledger.consolidate(str(tmp_path))
+    led = ledger.consolidate_with_journal(str(tmp_path))[0]
     assert led.height == 6 and led["id"].is_unique().all()
     assert not list((tmp_path / "ledger").glob("part-*.parquet"))  # absorbed
     assert pl.read_parquet(tmp_path / "ledger.parquet").height == 6
@@ -62,10 +62,10 @@ def test_crash_between_consolidate_and_part_deletion_double_counts_nothing(tmp_p
     (part,) = (tmp_path / "ledger").glob("part-*.parquet")
     saved = tmp_path / "saved.parquet"
     shutil.copy(part, saved)
-    ledger.consolidate(str(tmp_path))
+    ledger.consolidate_with_journal(str(tmp_path))[0]
     shutil.copy(saved, part)  # as if the process died before deleting the absorbed part
     assert ledger.read_ledger(str(tmp_path)).height == 3
-    assert ledger.consolidate(str(tmp_path)).height == 3
+    assert ledger.consolidate_with_journal(str(tmp_path))[0].height == 3
 
 
 def test_leftover_temp_file_from_a_killed_write_is_ignored(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ import pytest
 
 from pipeline.campaign import run_campaign
 from pipeline.config import RetryPolicy
-from pipeline.engine import AsyncEngine, ThreadEngine
 from pipeline.ledger import LedgerWriter
 from pipeline.messages import Message
-from pipeline.ratelimit import SlotLimiter, SlotSchedule, estimate_offset
-from pipeline.senders import FakeSender
+from pipeline.sending.aio import AsyncEngine
+from pipeline.sending.fake import FakeSender
+from pipeline.sending.ratelimit import SlotLimiter, SlotSchedule, estimate_offset
+from pipeline.sending.threads import ThreadEngine
 
 from .conftest import campaign, read_ledger, write_recipients
 
@@ -199,7 +200,7 @@ def test_rate_200_holds_in_every_second_with_one_or_four_actors(
     windows = _check_rate(led, rate)
     assert len(windows) >= seconds - 3
     assert led["actor"].n_unique() == actors
-    assert rep["config"]["rate"] == rate
+    assert rep.config.rate == rate
 
 
 def _kill_one_sender_after(log: Path, sends: int, killed: list[int]) -> threading.Thread:
@@ -236,7 +237,7 @@ def test_rate_holds_when_a_sender_actor_is_killed_and_restarted(tmp_path: Path) 
                                 rate=rate, send_log=str(log)))
     killer.join(timeout=1)
     assert killed, "no sender actor process was found to kill"
-    assert rep["send"]["crashed_batches"] >= 1  # its batch was tried again
+    assert rep.send.crashed_batches >= 1  # its batch was tried again
     led = read_ledger(tmp_path)
     assert led.height == rows and led["id"].n_unique() == rows
     starts = sorted(t.timestamp() for t in led["started_at"].to_list())

@@ -14,10 +14,10 @@ from typing import Any
 import polars as pl
 import pytest
 
-from pipeline import recipients
+from pipeline import generate, recipients
 from pipeline.campaign import run_campaign
 from pipeline.errors import UsageError
-from pipeline.senders import fake_outcome
+from pipeline.sending.fake import fake_outcome
 
 from .conftest import campaign, read_ledger
 
@@ -26,7 +26,7 @@ from .conftest import campaign, read_ledger
 
 def test_generate_plants_exact_counts_with_labels() -> None:
     rows = 2000
-    df = recipients.generate(rows, seed=3, invalid_fraction=0.1, duplicate_fraction=0.05,
+    df = generate.generate(rows, seed=3, invalid_fraction=0.1, duplicate_fraction=0.05,
                              injection_fraction=0.02, intl_fraction=0.04, label=True)
     counts = dict(df.group_by("planted").len().iter_rows())
     assert counts == {"invalid": 200, "duplicate": 100, "injection": 40, "intl": 80, "clean": 1580}
@@ -36,12 +36,12 @@ def test_generate_plants_exact_counts_with_labels() -> None:
     assert (dups["planted_of"] < dups["id"]).all()
     assert (sources["planted"] == "clean").all()
     assert df.filter(pl.col("planted") != "duplicate")["planted_of"].null_count() == rows - 100
-    assert df.equals(recipients.generate(rows, seed=3, invalid_fraction=0.1, duplicate_fraction=0.05,
+    assert df.equals(generate.generate(rows, seed=3, invalid_fraction=0.1, duplicate_fraction=0.05,
                                          injection_fraction=0.02, intl_fraction=0.04, label=True))
 
 
 def test_generate_without_fractions_is_clean_and_unlabelled() -> None:
-    df = recipients.generate(500, seed=1)
+    df = generate.generate(500, seed=1)
     assert df.columns == ["id", "email", "name", "city", "plan", "signup_year"]
     assert df["email"].n_unique() == 500
     assert recipients.load(df.lazy()).to_send.height == 500
@@ -55,7 +55,7 @@ def test_generate_without_fractions_is_clean_and_unlabelled() -> None:
 ])
 def test_generate_rejects_bad_fractions(kwargs: dict[str, Any], flag: str) -> None:
     with pytest.raises(UsageError, match=flag):
-        recipients.generate(10, **kwargs)
+        generate.generate(10, **kwargs)
 
 
 # --------------------------------------------------------------------------- load: fates
@@ -70,7 +70,7 @@ def _fates(loaded: recipients.Loaded) -> dict[int, str]:
 
 
 def test_load_gives_every_planted_row_its_fate() -> None:
-    df = recipients.generate(3000, seed=5, invalid_fraction=0.08, duplicate_fraction=0.08,
+    df = generate.generate(3000, seed=5, invalid_fraction=0.08, duplicate_fraction=0.08,
                              injection_fraction=0.03, intl_fraction=0.05, label=True)
     clean = df.filter(pl.col("planted") == "clean")["id"].to_list()
     suppressed = set(clean[5::40])
@@ -163,7 +163,7 @@ def test_extra_columns_of_any_type_pass_through_and_underscores_are_ignored() ->
 
 
 def test_resume_keeps_fates_and_counts_done_ids() -> None:
-    df = recipients.generate(400, seed=2, invalid_fraction=0.1, duplicate_fraction=0.1)
+    df = generate.generate(400, seed=2, invalid_fraction=0.1, duplicate_fraction=0.1)
     first = recipients.load(df.lazy())
     done = pl.concat([first.settled.select("id"), first.to_send.select("id").head(100)])
     again = recipients.load(df.lazy(), done=done)
@@ -173,7 +173,7 @@ def test_resume_keeps_fates_and_counts_done_ids() -> None:
 
 
 def test_zero_rows_load_cleanly() -> None:
-    df = recipients.generate(0)
+    df = generate.generate(0)
     loaded = recipients.load(df.lazy())
     assert loaded.input_rows == 0 and loaded.to_send.height == 0 and loaded.settled.height == 0
 
@@ -199,8 +199,8 @@ def _corrupt_pages(path: Path) -> None:
 def test_broken_data_pages_are_a_usage_error_naming_the_file(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    recipients.generate(500, seed=1).write_parquet(folder / "a.parquet")
-    recipients.generate(500, seed=2).write_parquet(folder / "b.parquet", compression="zstd")
+    generate.generate(500, seed=1).write_parquet(folder / "a.parquet")
+    generate.generate(500, seed=2).write_parquet(folder / "b.parquet", compression="zstd")
     _corrupt_pages(folder / "b.parquet")
     lazy = recipients.scan(str(folder))  # the footers are fine
     with pytest.raises(UsageError) as err:
@@ -213,7 +213,7 @@ def test_broken_data_pages_are_a_usage_error_naming_the_file(tmp_path: Path) -> 
 def test_scan_names_the_file_without_an_email_column(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    recipients.generate(5).write_parquet(folder / "a.parquet")
+    generate.generate(5).write_parquet(folder / "a.parquet")
     pl.DataFrame({"mail": ["x"], "name": ["y"]}).write_parquet(folder / "b.parquet")
     with pytest.raises(UsageError, match=r"b\.parquet: no 'email' column \(columns found: mail, name\)"):
         recipients.scan(str(folder))
@@ -239,7 +239,7 @@ def test_suppression_parquet_file(tmp_path: Path) -> None:
 
 
 def test_suppression_matches_case_insensitively(tmp_path: Path) -> None:
-    df = recipients.generate(50)
+    df = generate.generate(50)
     path = tmp_path / "unsub.txt"
     path.write_text("USER3@" + df["email"][3].split("@")[1].upper() + "\nuser7@nowhere.example\n")
     loaded = recipients.load(df.lazy(), suppression=recipients.read_suppression(str(path)))
@@ -303,7 +303,7 @@ def _exotic_frame(rows: int) -> pl.DataFrame:
 @pytest.mark.usefixtures("ray_session")
 def test_dirty_file_every_row_accounted_end_to_end(tmp_path: Path) -> None:
     rows, seed, p_fail = 1200, 11, 0.1
-    df = recipients.generate(rows, seed=4, invalid_fraction=0.1, duplicate_fraction=0.1,
+    df = generate.generate(rows, seed=4, invalid_fraction=0.1, duplicate_fraction=0.1,
                              injection_fraction=0.03, intl_fraction=0.05, label=True)
     path = tmp_path / "dirty.parquet"
     df.write_parquet(path)
@@ -339,16 +339,16 @@ def test_dirty_file_every_row_accounted_end_to_end(tmp_path: Path) -> None:
     # Nothing settled at load ever reached the sender.
     delivered = {int(x) for x in send_log.read_text().split()}
     assert delivered == to_send - failed
-    c = rep["counts"]
-    assert (c["input_rows"], c["sent"], c["failed"], c["invalid"], c["duplicate"], c["suppressed"]) == (
+    c = rep.counts
+    assert (c.input_rows, c.sent, c.failed, c.invalid, c.duplicate, c.suppressed) == (
         rows, len(to_send - failed), len(failed), len(by_status["invalid"]), len(planted["duplicate"]),
         len(suppressed))
-    assert c["reconciled"]
+    assert c.reconciled
 
     # A resume finds every row already done, and still reconciles.
     again = run_campaign(campaign(tmp_path, path, suppress=str(unsub), seed=seed,
                                   permanent_fail_rate=p_fail, send_log=str(send_log)))
-    assert again["counts"]["already_done"] == rows and again["counts"]["reconciled"]
+    assert again.counts.already_done == rows and again.counts.reconciled
     assert read_ledger(tmp_path).height == rows
 
 
@@ -362,4 +362,4 @@ def test_exotic_columns_and_names_do_not_break_a_run(tmp_path: Path) -> None:
     led = read_ledger(tmp_path)
     assert sorted(led["id"].to_list()) == list(range(rows))
     assert (led["status"] == "sent").all()
-    assert rep["counts"]["sent"] == rows and rep["counts"]["reconciled"]
+    assert rep.counts.sent == rows and rep.counts.reconciled

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.run import build_parser
+from pipeline.flags import build_parser
 
 from .conftest import cli, write_recipients
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sink import Sink, fate, free_port
+from pipeline.lab.sink import Sink, fate, free_port
 
 from .conftest import ROOT
 

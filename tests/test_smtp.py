@@ -23,11 +23,11 @@ import pytest
 import trustme
 
 from pipeline.campaign import run_campaign
+from pipeline.compose import Composer
 from pipeline.config import MessageConfig, RetryPolicy, SmtpConfig
+from pipeline.lab.sink import Sink, SinkHandler, fate
 from pipeline.messages import Message
-from pipeline.sink import Sink, SinkHandler, fate
-from pipeline.smtp import AsyncSmtpSender, SmtpSender, reply_result
-from pipeline.templates import Composer
+from pipeline.sending.smtp import AsyncSmtpSender, SmtpSender, reply_result
 
 from .conftest import campaign, cli, read_ledger, write_recipients
 
@@ -164,8 +164,8 @@ def test_server_down_is_transient_and_refusals_carry_server_text() -> None:
 
 def test_starttls_asked_but_not_offered_never_sends_in_clear(sink: Sink) -> None:
     config = SmtpConfig(host=sink.host, port=sink.port, tls="starttls", timeout=5)
-    sync = SmtpSender(config, Composer(MessageConfig(from_addr=FROM))).send(msg(1))
-    asyn = asyncio.run(AsyncSmtpSender(config, Composer(MessageConfig(from_addr=FROM)))
+    sync = SmtpSender(config, Composer(MessageConfig(from_addr=FROM), campaign="spring")).send(msg(1))
+    asyn = asyncio.run(AsyncSmtpSender(config, Composer(MessageConfig(from_addr=FROM), campaign="spring"))
                        .asend(msg(2)))
     for r in (sync, asyn):
         assert r.status == "permanent" and "STARTTLS" in (r.error or "")
@@ -177,15 +177,15 @@ def test_starttls_and_auth_checked_by_the_server(tls_files: tuple[ssl.SSLContext
     with Sink(tls="starttls", tls_context=server_ctx, auth={"mailer": "right"}) as s:
         base = SmtpConfig(host=s.host, port=s.port, tls="starttls", user="mailer",
                           ca_file=str(ca_file), timeout=5)
-        good = SmtpSender(base, Composer(MessageConfig(from_addr=FROM)), password="right")
+        good = SmtpSender(base, Composer(MessageConfig(from_addr=FROM), campaign="spring"), password="right")
         assert good.send(msg(1)).ok
-        bad = SmtpSender(base, Composer(MessageConfig(from_addr=FROM)), password="wrong")
+        bad = SmtpSender(base, Composer(MessageConfig(from_addr=FROM), campaign="spring"), password="wrong")
         refused = bad.send(msg(2))
         assert refused.status == "permanent" and (refused.error or "").startswith("connect: 535")
         # Without the test CA the certificate is not trusted: no message goes out in clear.
         untrusted = SmtpSender(SmtpConfig(host=s.host, port=s.port, tls="starttls", user="mailer",
                                           timeout=5),
-                               Composer(MessageConfig(from_addr=FROM)), password="right")
+                               Composer(MessageConfig(from_addr=FROM), campaign="spring"), password="right")
         assert "CERTIFICATE_VERIFY_FAILED" in (untrusted.send(msg(3)).error or "")
         assert [(r.tls, r.authenticated) for r in s.received] == [(True, True)]
         assert s.stats.auth_failures >= 1  # smtplib tries PLAIN, then LOGIN
@@ -195,16 +195,16 @@ def test_implicit_tls_and_async_starttls_auth(tls_files: tuple[ssl.SSLContext, P
     server_ctx, ca_file = tls_files
     with Sink(tls="ssl", tls_context=server_ctx) as s:
         snd = SmtpSender(SmtpConfig(host=s.host, port=s.port, tls="ssl", ca_file=str(ca_file),
-                                    timeout=5), Composer(MessageConfig(from_addr=FROM)))
+                                    timeout=5), Composer(MessageConfig(from_addr=FROM), campaign="spring"))
         assert snd.send(msg(1)).ok and s.received[0].tls
     with Sink(tls="starttls", tls_context=server_ctx, auth={"mailer": "right"}) as s:
         config = SmtpConfig(host=s.host, port=s.port, tls="starttls", user="mailer",
                             ca_file=str(ca_file), timeout=5)
 
         async def main() -> list[Any]:
-            good = AsyncSmtpSender(config, Composer(MessageConfig(from_addr=FROM)),
+            good = AsyncSmtpSender(config, Composer(MessageConfig(from_addr=FROM), campaign="spring"),
                                    password="right")
-            bad = AsyncSmtpSender(config, Composer(MessageConfig(from_addr=FROM)),
+            bad = AsyncSmtpSender(config, Composer(MessageConfig(from_addr=FROM), campaign="spring"),
                                   password="wrong")
             out = [await good.asend(msg(1)), await good.asend(msg(2)), await bad.asend(msg(3))]
             await good.aclose()
@@ -266,7 +266,7 @@ def test_2000_recipients_each_get_their_own_rendered_message(tmp_path: Path, sin
     rep = run_campaign(smtp_campaign(tmp_path, path, sink, max_per_connection=10,
                                      message=message, actors=4, threads_per_actor=20))
     led = read_ledger(tmp_path)
-    assert rep["counts"]["sent"] == rows and (led["status"] == "sent").all()
+    assert rep.counts.sent == rows and (led["status"] == "sent").all()
     assert (led["attempts"] == 1).all()
 
     # Exactly 2,000 messages, one per recipient, each to its own address.
@@ -323,7 +323,7 @@ def test_421_retried_until_sent_and_550_failed_at_once(tmp_path: Path) -> None:
         retried = sent.filter(pl.col("attempts") > 1)
         assert set(retried["email"].to_list()) == transient
         assert (retried["attempts"] == 2).all()
-        assert rep["counts"]["failed"] == len(permanent)
+        assert rep.counts.failed == len(permanent)
 
         # The server got each accepted message once; every 421 closed its connection, so the
         # bound grows by one reconnect per 421.
@@ -358,7 +358,7 @@ def test_server_stopped_mid_run_and_restarted_loses_nothing(tmp_path: Path, sink
     assert sink.stats.messages > outage["at"]  # and it was sending again afterwards
 
     led = read_ledger(tmp_path)
-    assert rep["counts"]["sent"] == rows and (led["status"] == "sent").all()
+    assert rep.counts.sent == rows and (led["status"] == "sent").all()
     assert (led["attempts"] > 1).sum() > 0  # the outage was felt and retried through
     emails = set(pl.read_parquet(path)["email"].to_list())
     received = [r.rcpt_tos[0] for r in sink.received]
@@ -377,7 +377,7 @@ def test_async_mode_sends_through_the_sink(tmp_path: Path) -> None:
         rep = run_campaign(smtp_campaign(tmp_path, path, s, max_per_connection=10, actors=2,
                                          mode="async", concurrency_per_actor=20))
         led = read_ledger(tmp_path)
-        assert rep["counts"]["sent"] == rows and (led["status"] == "sent").all()
+        assert rep.counts.sent == rows and (led["status"] == "sent").all()
         transient = {e for e in emails if fate(e, fail_4xx=0.1, fail_5xx=0, seed=5) == "4xx"}
         assert set(led.filter(pl.col("attempts") == 2)["email"].to_list()) == transient
         assert sorted(r.rcpt_tos[0] for r in s.received) == sorted(emails)
@@ -404,7 +404,7 @@ def test_values_cannot_inject_headers_or_run_as_template_code(tmp_path: Path, si
     led = read_ledger(tmp_path).sort("id")
     assert led["status"].to_list() == ["invalid", "sent", "sent", "sent", "invalid"]
     assert "header injection" in led["error"][0]
-    assert rep["counts"]["sent"] == 3
+    assert rep.counts.sent == 3
 
     got = {r.rcpt_tos[0]: r for r in sink.received}
     assert set(got) == {"p1@example.com", "p2@example.com", "p3@example.com"}

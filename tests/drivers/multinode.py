@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipeline import recipients  # noqa: E402
+from pipeline import generate  # noqa: E402
 from pipeline.campaign import run_campaign  # noqa: E402
 from pipeline.config import CampaignConfig, SendConfig  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     input_path = work / "in.parquet"
-    recipients.generate(a.rows, seed=1).write_parquet(input_path)
+    generate.generate(a.rows, seed=1).write_parquet(input_path)
     send_log = work / "send.log"
 
     t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def main() -> None:
 
     scraped: dict[str, float] = {}
     t_run = time.perf_counter()
-    rep = run_campaign(config)
+    rep = run_campaign(config).to_json()  # type: ignore[union-attr]
     run_s = time.perf_counter() - t_run
     if a.metrics:
         # Ray exports every second here: wait until two scrapes a second apart agree.

@@ -1,8 +1,7 @@
-"""The narrow I/O seam: `Sender.send(message) -> SendResult` (and `asend` for the async engine).
+"""`FakeSender`: a real implementation of the seam, not a mock.
 
-`FakeSender` is a real implementation, not a mock: it waits `latency` seconds, fails a seeded,
-reproducible share of attempts, and can log every delivery for tests that count sends
-independently of the ledger.
+It waits `latency` seconds, fails a seeded, reproducible share of attempts, and can log every
+delivery for tests that count sends independently of the ledger.
 """
 
 from __future__ import annotations
@@ -11,39 +10,9 @@ import asyncio
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
 
-from .config import SendConfig
-from .messages import Message
-
-Outcome = Literal["sent", "transient", "permanent"]
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    status: Outcome
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "sent"
-
-
-SENT = SendResult("sent")
-
-
-@runtime_checkable
-class Sender(Protocol):
-    def send(self, message: Message) -> SendResult: ...
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class AsyncSender(Protocol):
-    async def asend(self, message: Message) -> SendResult: ...
-    async def aclose(self) -> None: ...
-
+from ..messages import Message
+from .base import DELIVERED, SendResult
 
 _MASK = (1 << 64) - 1
 
@@ -72,7 +41,7 @@ def fake_outcome(seed: int, recipient_id: int, attempt: int, *, fail_rate: float
         streak = 1 + int(_unit(seed, recipient_id, 2) * 3)
         if attempt <= streak:
             return SendResult("transient", f"421 4.7.0 try again later (injected, attempt {attempt})")
-    return SENT
+    return DELIVERED
 
 
 class FakeSender:
@@ -98,7 +67,7 @@ class FakeSender:
         if message.id in self._crash_ids:
             os._exit(86)
         if not (self.fail_rate or self.permanent_fail_rate):
-            return SENT
+            return DELIVERED
         with self._lock:
             attempt = self._attempts.get(message.id, 0) + 1
             self._attempts[message.id] = attempt
@@ -135,15 +104,3 @@ class FakeSender:
 
     async def aclose(self) -> None:
         self.close()
-
-
-def make_sender(config: SendConfig) -> Sender | AsyncSender:
-    """The sender `config` asks for. Called inside each actor (secrets are read there)."""
-    if config.sender == "fake":
-        return FakeSender(latency=config.latency, fail_rate=config.fail_rate,
-                          permanent_fail_rate=config.permanent_fail_rate, seed=config.seed,
-                          send_log=config.send_log)
-    if config.sender == "smtp":
-        from .smtp import make_smtp_sender
-        return make_smtp_sender(config)
-    raise ValueError(f"unknown sender {config.sender!r}")

@@ -1,0 +1,123 @@
+"""Starting or joining Ray for one run, and stopping what this run started.
+
+A run either joins a cluster (`--address`, or `$RAY_ADDRESS` as `ray job submit` sets it) or
+starts its own local Ray, which serves this machine only (127.0.0.1) and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .config import CampaignConfig, SendConfig
+
+
+def cluster_address(config: CampaignConfig) -> str | None:
+    return config.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def prepare_import(config: CampaignConfig) -> None:
+    """Environment Ray reads when it is imported; call before `import ray`."""
+    if cluster_address(config) is None:
+        # A Ray started here serves this machine only: keep its GCS, raylet and workers on
+        # 127.0.0.1 rather than the primary interface's address. Ray reads this at import
+        # (ray_constants.ENABLE_RAY_CLUSTER), so it must be set before `import ray`.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray 2.60 turns token authentication on for a local Ray and warns that it did; saying
+        # so explicitly keeps it on and the console quiet (the dashboard then asks for the
+        # token: `dashboard_access` says how to get it).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RaySession:
+    started: bool  # this run started or joined Ray (and so shuts its connection down)
+    dashboard_url: str | None  # http://host:port, when a dashboard runs
+    session_dir: str | None  # Ray's own logs for this session (logs/ below it)
+
+    def stop(self) -> None:
+        if self.started:
+            import ray
+            ray.shutdown()
+
+
+def start(config: CampaignConfig, send: SendConfig, *, verbose: bool = False) -> RaySession:
+    """Start or join Ray. The caller's SIGINT/SIGTERM handlers survive it."""
+    prepare_import(config)
+    import ray
+    if ray.is_initialized():
+        return RaySession(started=False, dashboard_url=None, session_dir=None)
+    address = cluster_address(config)
+    # address=None would not mean "start one": ray.init then joins any Ray already running on
+    # this machine (`ray start`, or another run's), and num_cpus makes that fail. "local"
+    # always starts this run's own.
+    kwargs: dict[str, Any] = dict(
+        address=address or "local", logging_level=logging.WARNING,
+        # Worker and actor output stays in Ray's session logs unless asked for: forwarded to
+        # the driver it would interleave with the progress line.
+        log_to_driver=verbose,
+        include_dashboard=config.dashboard if address is None else None)
+    if address is None:
+        # Sending is I/O-bound: senders ask for a fraction of a CPU, and Ray is given at least
+        # enough logical CPUs for all of them plus one for Ray Data's own tasks (8 actors at
+        # 1 CPU each never start on 2 cores; docs/ray-notes.md).
+        need = math.ceil(send.actors * send.cpus_per_actor) + 1
+        kwargs["num_cpus"] = config.num_cpus or max(os.cpu_count() or 1, need)
+        if not send.metrics:
+            kwargs["_system_config"] = {"enable_metrics_collection": False}
+    # ray.init installs the core worker's own SIGTERM handler (it logs and dies with code 15),
+    # which would skip the caller's graceful stop: put the caller's handlers back.
+    saved = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+             if threading.current_thread() is threading.main_thread() else {})
+    ctx = ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    for signum, handler in saved.items():
+        if handler is not None:
+            signal.signal(signum, handler)
+    _private_token()
+    from ray.data import DataContext
+    data = DataContext.get_current()
+    data.enable_progress_bars = False
+    url = getattr(ctx, "dashboard_url", None)
+    return RaySession(started=True, dashboard_url=f"http://{url}" if url else None,
+                      session_dir=_session_dir())
+
+
+def dashboard_access(session: RaySession) -> str | None:
+    """How to open the dashboard, token authentication included (two short lines)."""
+    if not session.dashboard_url:
+        return None
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    return (f"Ray dashboard: {session.dashboard_url}\n"
+            f"  sign in with the token `ray get-auth-token` prints (also in {token})")
+
+
+def _private_token() -> None:
+    """Ray 2.60 writes its token file readable by every local user (0644); whoever reads it
+    can submit jobs to this Ray. Keep it to its owner."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass  # no token file (a joined cluster's token comes from elsewhere)
+
+
+def _session_dir() -> str | None:
+    try:
+        import ray
+        node: Any = ray._private.worker.global_worker.node
+        return str(node.get_session_dir_path())
+    except Exception:  # noqa: BLE001 - a joined cluster's driver may not know it
+        return None
+
+
+def this_node() -> Any:
+    """A scheduling strategy that pins an actor to the driver's node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

@@ -1,0 +1,314 @@
+"""The send stage: rows in, every recipient sent (or left for the resume) and recorded, out.
+
+`send(rows, job, ...)` owns everything Ray: it starts or joins Ray, cuts the rows into blocks,
+runs `SendBatches` over them through `map_batches` with an actor pool, follows the results for
+progress, and stops in seconds when asked to (or when the campaign lease is lost).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import polars as pl
+import pyarrow as pa
+
+from . import ray_session, storage
+from .config import CampaignConfig, SendConfig
+from .hooks import Hooks, Progress, Stages
+
+RATE_WINDOW = 10.0  # seconds of history behind the live rate (and so the ETA)
+POLL = 0.2  # seconds between the driver's looks at progress, the stop flag and the lease
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendJob:
+    """What the send stage needs to know about the run."""
+
+    campaign: str
+    run_dir: str
+    run_id: str
+    epoch: int  # the campaign lease's, written into every ledger row
+    send: SendConfig
+    fields: tuple[str, ...]  # template fields present in the rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class Totals:
+    sent: int = 0
+    failed: int = 0
+    abandoned: int = 0
+    retries: int = 0
+    crashed: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SendOutcome:
+    totals: Totals
+    batch_size: int
+    interrupted: bool  # a stop was requested, or the lease was lost
+    lease_lost: bool
+    ray_stats: tuple[dict[str, Any], ...]
+
+
+class LeaseView(Protocol):
+    """What the stage reads of the campaign lease (lease.Lease): until when this run may send
+    (driver clock), and whether another run has taken the campaign over."""
+
+    @property
+    def valid_until(self) -> float: ...
+    @property
+    def lost(self) -> bool: ...
+
+
+def batch_size_for(send: SendConfig, rows: int) -> int:
+    if send.batch_size:
+        return send.batch_size
+    # One batch keeps an actor's workers busy for about one latency; two calls in flight per
+    # actor keep the next batch queued behind it. Cap so every actor sees at least 4 batches,
+    # otherwise the tail waits on one actor.
+    per_actor_share = math.ceil(rows / (send.actors * 4)) if rows else 1
+    if send.rate is not None:
+        # Rate-limited, a batch of `concurrency` drains in a fraction of a second, and the
+        # per-batch costs (ledger flush, Ray Data hand-off: tens of ms on a loaded machine)
+        # open gaps in the rate: measured 150/s for --rate 200 with batches of 20. A batch of
+        # one second of the actor's share of the rate hides them.
+        share = math.ceil(send.rate / send.actors)
+        return max(1, min(per_actor_share, max(send.concurrency, share)))
+    if send.mode == "async":
+        # Tens of thousands of workers per actor: a batch of the whole pool drains it at every
+        # batch boundary (the next batch only arrives once the last email of the previous one
+        # is recorded), so the pool is fed in quarters, with more calls in flight (_calls).
+        # Not below 1,000 rows (or the pool, if smaller): each call takes Ray Data tens of ms
+        # to dispatch, and quarters of a small pool slowed its start (88% of ideal at 2 × 50).
+        quarter = max(math.ceil(send.concurrency / 4), min(send.concurrency, 1000))
+        return max(1, min(quarter, per_actor_share))
+    return max(1, min(send.concurrency, per_actor_share))
+
+
+def calls_per_actor(send: SendConfig, batch_size: int) -> int:
+    """Batches in flight per actor: two in threads mode; in async mode enough to hold twice the
+    pool (a full pool plus as much again queued), each call a thread blocked on its batch."""
+    if send.mode != "async":
+        return 2
+    return max(2, min(64, math.ceil(3 * send.concurrency / batch_size)))
+
+
+def partition(frame: pl.DataFrame, *, batch_size: int, max_blocks: int = 2000) -> Any:
+    """Hand rows to Ray as a Dataset of many blocks (one `from_arrow` table is ONE block)."""
+    import ray
+    table = frame.to_arrow()
+    rows = table.num_rows
+    blocks = max(1, min(math.ceil(rows / batch_size), max_blocks))
+    per_block = math.ceil(rows / blocks / batch_size) * batch_size
+    tables = [table.slice(i, per_block) for i in range(0, rows, per_block)] or [table]
+    # from_blocks (Ray 2.60, a DeveloperAPI) computes each block's metadata here; from_arrow
+    # runs one remote task per block for it, in a worker process it first has to start: 1.4 s
+    # of CPU for the 160 blocks of a 1M async run.
+    from_blocks = getattr(ray.data, "from_blocks", None)
+    return from_blocks(tables) if from_blocks else ray.data.from_arrow(tables)
+
+
+def send(rows: pl.DataFrame, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
+         stages: Stages, lease: LeaseView | None = None) -> SendOutcome:
+    """Send `rows` (id, email, template fields); every outcome lands in the run's ledger."""
+    send_cfg = job.send
+    batch_size = batch_size_for(send_cfg, rows.height)
+    calls = calls_per_actor(send_cfg, batch_size)
+    session: ray_session.RaySession | None = None
+    try:
+        with stages.time("ray_start"):
+            session = ray_session.start(config, send_cfg, verbose=config.verbose)
+            access = ray_session.dashboard_access(session)
+            if access:
+                hooks.info(access)
+            import ray
+
+            from .actors import Coordinator, RateLimiter, SendBatches
+            coordinator = Coordinator.options(  # type: ignore[attr-defined]
+                scheduling_strategy=ray_session.this_node()).remote(
+                    lease.valid_until if lease is not None else None)
+            # One schedule of send slots for every actor on every node (sending/ratelimit.py).
+            rate_limiter = None
+            if send_cfg.rate is not None:
+                rate_limiter = RateLimiter.options(
+                    scheduling_strategy=ray_session.this_node()).remote(send_cfg.rate)
+
+        with stages.time("partition"):
+            ds = partition(rows, batch_size=batch_size)
+
+        with stages.time("send"):
+            constructor = dict(run_dir=job.run_dir, campaign=job.campaign, run_id=job.run_id,
+                               epoch=job.epoch, config=send_cfg, coordinator=coordinator,
+                               fields=job.fields, rate_limiter=rate_limiter)
+            out = ds.map_batches(SendBatches.for_campaign(job.campaign), **SendBatches.map_batches_kwargs(
+                send_cfg, batch_size=batch_size, calls=calls, constructor=constructor,
+                runtime_env=_storage_env(job.run_dir)))
+            follow = _Follow(out, rows.height, coordinator, hooks, send_cfg, lease)
+            totals, interrupted = follow.run()
+            ray_stats = () if interrupted else tuple(_stats(out))
+        if config.timeline:
+            ray.timeline(filename=config.timeline)
+            hooks.info(f"timeline written to {config.timeline} (open in chrome://tracing or "
+                       "https://ui.perfetto.dev)")
+    finally:
+        if session is not None:
+            with stages.time("ray_stop"):
+                session.stop()
+    return SendOutcome(totals=totals, batch_size=batch_size, interrupted=interrupted,
+                       lease_lost=follow.lease_lost, ray_stats=ray_stats)
+
+
+class _Follow:
+    """Follows the send stage from the driver: sums the per-batch summaries for progress,
+    keeps the coordinator's lease deadline current, and on a stop lets the sends in flight
+    finish (bounded by --stop-timeout), then leaves every batch not started for the resume
+    instead of walking it through the actors."""
+
+    def __init__(self, out: Any, total: int, coordinator: Any, hooks: Hooks, send: SendConfig,
+                 lease: LeaseView | None) -> None:
+        self.out = out
+        self.total = total
+        self.coordinator = coordinator
+        self.hooks = hooks
+        self.send = send
+        self.lease = lease
+        self.lease_lost = False
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._results: queue.SimpleQueue[pa.Table | BaseException | None] = queue.SimpleQueue()
+        self._quit = threading.Event()
+        self._history: collections.deque[tuple[float, int]] = collections.deque()
+
+    def _feed(self) -> None:
+        """Pull results on a thread of its own, so the driver can act on a stop at once."""
+        try:
+            for batch in self.out.iter_batches(batch_size=None, batch_format="pyarrow",
+                                               prefetch_batches=0):
+                self._results.put(batch)
+                if self._quit.is_set():
+                    break  # closing the iterator shuts Ray Data's executor down
+            self._results.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
+            self._results.put(exc)
+
+    def run(self) -> tuple[Totals, bool]:
+        t0 = time.perf_counter()
+        self._history.append((t0, 0))
+        feeder = threading.Thread(target=self._feed, name="send-results", daemon=True)
+        feeder.start()
+        deadline: float | None = None  # set once stopping
+        last_emit = 0.0
+        valid_until = self.lease.valid_until if self.lease is not None else None
+        try:
+            while True:
+                try:
+                    item = self._results.get(timeout=POLL)
+                except queue.Empty:
+                    item = pa.table({})
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    if deadline is not None:
+                        break  # the stage is being torn down under a stop
+                    raise item
+                if item.num_columns:
+                    for k in ("sent", "failed", "abandoned", "retries", "crashed", "skipped"):
+                        self.counts[k] += int(pa.compute.sum(item.column(k)).as_py() or 0)
+                now = time.perf_counter()
+                if self.lease is not None:
+                    if self.lease.lost:
+                        self.lease_lost = True
+                    elif self.lease.valid_until != valid_until:
+                        valid_until = self.lease.valid_until
+                        self.coordinator.extend.remote(valid_until)
+                if deadline is None and (self.hooks.stop.is_set() or self.lease_lost):
+                    self.coordinator.stop.remote()
+                    deadline = now + self.send.stop_timeout
+                if self.hooks.on_progress and (now - last_emit > POLL):
+                    last_emit = now
+                    self.hooks.on_progress(self._progress(now, t0, deadline is not None))
+                if deadline is not None and (now > deadline or self._quiet()):
+                    break
+        finally:
+            self._quit.set()
+        if self.hooks.on_progress:
+            self.hooks.on_progress(self._progress(time.perf_counter(), t0, deadline is not None))
+        totals = Totals(**{f.name: self.counts[f.name] for f in dataclasses.fields(Totals)})
+        return totals, deadline is not None or self.hooks.stop.is_set()
+
+    def _quiet(self) -> bool:
+        """No batch is sending any more: each one that started has flushed its ledger rows."""
+        import ray
+        try:
+            return int(ray.get(self.coordinator.active.remote(), timeout=POLL * 5)) <= 0
+        except Exception:  # noqa: BLE001 - a busy coordinator: ask again next time
+            return False
+
+    def _progress(self, now: float, t0: float, stopping: bool) -> Progress:
+        c = self.counts
+        done = c["sent"] + c["failed"]
+        history = self._history
+        history.append((now, done))
+        while len(history) > 2 and now - history[1][0] > RATE_WINDOW:
+            history.popleft()
+        t_old, done_old = history[0]
+        rate = (done - done_old) / (now - t_old) if now > t_old else 0.0
+        return Progress(total=self.total, sent=c["sent"], failed=c["failed"],
+                        abandoned=c["abandoned"], retries=c["retries"], elapsed=now - t0,
+                        rate=rate, stopping=stopping)
+
+
+def _storage_env(run_dir: str) -> dict[str, Any] | None:
+    env = storage.forwarded_env() if storage.is_uri(run_dir) else {}
+    return {"env_vars": env} if env else None
+
+
+def _stats(ds: Any) -> list[dict[str, Any]]:
+    """Ray Data's per-operator stats, JSON-able."""
+    try:
+        summary = ds.get_stats_summary()
+    except Exception:  # noqa: BLE001 - stats are a report nicety, never a failure
+        return []
+    out: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        for parent in getattr(node, "parents", []) or []:
+            walk(parent)
+        for op in getattr(node, "operators_stats", []) or []:
+            entry: dict[str, Any] = {"operator": getattr(op, "operator_name", "?"),
+                                     "time_total_s": getattr(op, "time_total_s", None)}
+            for attr in ("wall_time", "cpu_time", "udf_time", "output_num_rows"):
+                value = getattr(op, attr, None)
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    value = dataclasses.asdict(value)
+                if isinstance(value, dict):
+                    entry[attr] = {k: v for k, v in value.items() if isinstance(v, (int, float))}
+            out.append(entry)
+    walk(summary)
+    return out
+
+
+def prefetch_imports(config: CampaignConfig) -> None:
+    """Import Ray, Ray Data and the actors module (1.2 s on this machine) and, for charts,
+    matplotlib (0.3 s) in a background thread, overlapping the load stage's polars work
+    (which releases the GIL). Importing starts nothing; the send stage starts Ray later, so a
+    data error found by the load still ends the run before Ray starts."""
+    def work() -> None:
+        try:
+            ray_session.prepare_import(config)
+            import ray.data  # noqa: F401
+
+            from . import actors  # noqa: F401
+            if config.charts:
+                import matplotlib.backends.backend_agg  # noqa: F401
+                import matplotlib.figure  # noqa: F401
+        except Exception:  # noqa: BLE001 - the real import, later, reports any problem
+            pass
+    threading.Thread(target=work, name="prefetch-imports", daemon=True).start()

@@ -1,0 +1,40 @@
+"""The narrow I/O seam: `Sender.send(message) -> SendResult` (and `asend` for the async engine).
+
+This module imports no implementation: the fake (`fake.py`) and SMTP (`smtp.py`) senders live
+beside it, and `pipeline.sending.make_sender` chooses one, as httpx chooses its transports
+outside its base module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from ..messages import Message
+
+Outcome = Literal["sent", "transient", "permanent"]
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    status: Outcome
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "sent"
+
+
+DELIVERED = SendResult("sent")  # the one result every successful send returns
+
+
+@runtime_checkable
+class Sender(Protocol):
+    def send(self, message: Message) -> SendResult: ...
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncSender(Protocol):
+    async def asend(self, message: Message) -> SendResult: ...
+    async def aclose(self) -> None: ...

@@ -1,0 +1,396 @@
+"""A lean SMTP client: a sans-IO core (`Session`, `ReplyParser`) and the asyncio driver
+`AsyncConnection` (the blocking driver, `SyncConnection`, sits beside its sender in smtp.py). A
+handshake or a transaction is a generator yielding steps `(bytes to write, replies to read)`; a
+driver only writes, reads and upgrades to TLS, so both run the same protocol code.
+
+PIPELINING (RFC 2920): MAIL + RCPT + DATA in one write, then the dot-stuffed data and "." in one
+write; RSET only after a transaction refused before its data, first in the next group. The async
+driver frees the connection once the data is written (`FINAL`): the next coroutine's commands
+follow that "." in the same flight, and replies go to the waiters in order. Without PIPELINING:
+lock-step, a reused connection checked with RSET first (`Session.lockstep_rset`). 4xx transient,
+5xx permanent, 421 closes. A broken connection raises `ConnectionLost`; `retry_safe`: the data was
+not written, so the message cannot have been delivered and may go out on a new connection at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from base64 import b64encode
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import Any, cast
+
+from ..compose import Envelope
+from ..config import SmtpConfig
+from .base import DELIVERED, Outcome, SendResult
+
+Reply = tuple[int, bytes]  # code, text (a multi-line reply's lines joined with b"\n")
+Step = tuple[bytes, int]  # what to write, then how many replies to read (or TLS, FINAL)
+Flow = Generator[Step, list[Reply], Any]
+TLS = -1  # upgrade the connection to TLS now (after STARTTLS's 220)
+FINAL = -2  # the data has been written: read its one final reply
+CRLF = b"\r\n"
+AUTH_ORDER = ("PLAIN", "LOGIN")
+CLOSED = (421, b"4.4.2 the server closed the connection before replying")
+_UNSAFE_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+_BARE_EOL = re.compile(rb"\r\n|\n|\r(?!\n)")
+
+
+class ReplyError(Exception):
+    """The server refused the greeting, EHLO/HELO, STARTTLS or AUTH."""
+
+    def __init__(self, code: int, text: bytes) -> None:
+        super().__init__(f"{code} {text.decode('utf-8', 'replace')}")
+        self.code, self.text = code, text
+
+
+class NotOffered(Exception):
+    """The server lacks what the configuration requires (STARTTLS, AUTH): never send anyway."""
+
+
+class ProtocolError(ConnectionError):
+    """The server's bytes are not SMTP replies: the connection cannot be trusted any more."""
+
+
+class ConnectionLost(Exception):
+    def __init__(self, cause: BaseException, *, sent_data: bool) -> None:
+        super().__init__(str(cause))
+        self.cause, self.retry_safe = cause, not sent_data
+
+
+def one_line(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join(str(value).split())  # one line: multi-line replies are joined
+
+
+def reply_result(code: int, text: Any, where: str = "") -> SendResult:
+    """A server's refusal as a result: 4xx transient, 5xx (and anything else) permanent."""
+    prefix = f"{where}: " if where else ""
+    status: Outcome = "transient" if 400 <= code < 500 else "permanent"
+    return SendResult(status, f"{prefix}{code} {one_line(text)}".strip())
+
+
+def dot_stuffed(data: bytes) -> bytes:
+    """The DATA payload: CRLF line ends, a '.' doubled at the start of a line, CRLF.CRLF."""
+    crlf = data.count(CRLF)
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = _BARE_EOL.sub(CRLF, data)
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if data[:1] == b".":
+        data = b"." + data
+    if data and not data.endswith(CRLF):
+        data += CRLF
+    return data + b".\r\n"
+
+
+class ReplyParser:
+    """Bytes in, complete replies out (`ready`)."""
+
+    __slots__ = ("ready", "_buf", "_lines")
+
+    def __init__(self) -> None:
+        self.ready: list[Reply] = []
+        self._buf = b""
+        self._lines: list[bytes] = []
+
+    @property
+    def pending(self) -> bool:  # bytes or replies nobody asked for yet
+        return bool(self._buf or self._lines or self.ready)
+
+    def feed(self, data: bytes) -> None:
+        if self._buf:
+            data = self._buf + data
+        end = data.rfind(b"\n") + 1
+        self._buf = data[end:]
+        if len(self._buf) > 65536:
+            raise ProtocolError("reply line over 64 KiB")
+        for line in (data[:end] if self._buf else data).splitlines():
+            code, sep = line[:3], line[3:4]
+            if not code.isdigit() or sep not in (b" ", b"-", b""):
+                raise ProtocolError(f"not an SMTP reply: {line[:80]!r}")
+            if sep == b"-":
+                self._lines.append(line[4:])
+            elif self._lines:
+                self.ready.append((int(code), b"\n".join([*self._lines, line[4:]])))
+                self._lines = []
+            else:
+                self.ready.append((int(code), line[4:]))
+
+    def take(self, n: int) -> list[Reply]:
+        """`n` replies; when the server closed before all came, the missing ones are CLOSED."""
+        out = self.ready[:n]
+        del self.ready[:n]
+        return out + [CLOSED] * (n - len(out))
+
+
+class Capabilities:
+    """What the EHLO reply offers."""
+
+    def __init__(self, ehlo_text: bytes = b"") -> None:
+        lines = ehlo_text.decode("ascii", "replace").upper().replace("=", " ").split("\n")[1:]
+        ext = {words[0]: words[1:] for words in map(str.split, lines) if words}
+        self.pipelining, self.smtputf8 = "PIPELINING" in ext, "SMTPUTF8" in ext
+        self.starttls = "STARTTLS" in ext
+        self.auth = set(ext.get("AUTH", ()))
+        size = ext.get("SIZE") or ["0"]
+        self.size = int(size[0]) if size[0].isdigit() else 0  # 0: no limit announced
+
+
+class Session:
+    """One connection's protocol state; `handshake` and `transaction` are its flows."""
+
+    lockstep_rset = True  # without PIPELINING, RSET before each reuse of the connection
+
+    def __init__(self) -> None:
+        self.caps = Capabilities()
+        self.needs_rset = False  # a refused transaction left state on the server
+        self.sent = 0  # transactions started
+        self.closing = False  # a 421 came: the server is closing the channel
+
+    def _refused(self, code: int, text: bytes) -> SendResult:
+        self.closing = self.closing or code == 421
+        return reply_result(code, text)
+
+    def handshake(self, ehlo: str, *, starttls: bool, user: str | None, password: str,
+                  mechanisms: tuple[str, ...] = AUTH_ORDER) -> Flow:
+        ((code, text),) = yield b"", 1
+        if code != 220:
+            raise ReplyError(code, text)
+        name = ehlo.encode("ascii", "replace")
+        yield from self._ehlo(name)
+        if starttls:
+            if not self.caps.starttls:
+                raise NotOffered("the server does not offer STARTTLS (--smtp-tls starttls): "
+                                 "not sending in clear")
+            ((code, text),) = yield b"STARTTLS\r\n", 1
+            if code != 220:
+                raise ReplyError(code, text)
+            yield b"", TLS
+            yield from self._ehlo(name)
+        if user is None:
+            return
+        offered = [m for m in mechanisms if m in self.caps.auth]
+        if not offered:
+            what = ", ".join(sorted(self.caps.auth)) or "no AUTH"
+            raise NotOffered(f"the server offers {what}; bulkmail speaks AUTH {' or '.join(mechanisms)}")
+        u, p = user.encode(), password.encode()
+        if offered[0] == "PLAIN":
+            ((code, text),) = yield b"AUTH PLAIN " + b64encode(b"\0" + u + b"\0" + p) + CRLF, 1
+        else:
+            ((code, text),) = yield b"AUTH LOGIN\r\n", 1
+            for secret in (u, p):
+                if code == 334:
+                    ((code, text),) = yield b64encode(secret) + CRLF, 1
+        if code != 235:
+            raise ReplyError(code, text)
+
+    def _ehlo(self, name: bytes) -> Flow:
+        ((code, text),) = yield b"EHLO " + name + CRLF, 1
+        if code != 250:  # an old server: HELO, and no extensions
+            ((code, text),) = yield b"HELO " + name + CRLF, 1
+            if code != 250:
+                raise ReplyError(code, text)
+            text = b""
+        self.caps = Capabilities(text)
+
+    def transaction(self, env: Envelope) -> Flow:
+        caps, data = self.caps, env.data
+        if env.smtputf8 and not caps.smtputf8:
+            return SendResult("permanent", f"server does not offer SMTPUTF8, needed for {env.recipient!r}")
+        if _UNSAFE_ADDRESS.search(env.sender + env.recipient):
+            return SendResult("permanent", f"envelope address unsafe for SMTP: {env.recipient!r}")
+        if caps.size and len(data) > caps.size:
+            return SendResult("permanent", f"message of {len(data)} bytes is over the server's SIZE "
+                              f"limit of {caps.size}")
+        opts = (b" SMTPUTF8" if env.smtputf8 else b"") + (b" SIZE=%d" % len(data) if caps.size else b"")
+        rset = self.needs_rset or (not caps.pipelining and self.lockstep_rset and self.sent > 0)
+        cmds = [b"RSET\r\n"] * rset + [b"MAIL FROM:<%s>%s\r\n" % (env.sender.encode(), opts),
+                                        b"RCPT TO:<%s>\r\n" % env.recipient.encode(), b"DATA\r\n"]
+        body = dot_stuffed(data)
+        self.sent += 1
+        self.needs_rset = True  # until the data phase is reached
+        if caps.pipelining:
+            replies = yield b"".join(cmds), len(cmds)
+        else:  # lock-step, up to the first refusal
+            replies = []
+            for cmd in cmds:
+                replies += yield cmd, 1
+                if replies[-1][0] >= 400:
+                    break
+            replies += [CLOSED] * (len(cmds) - len(replies))
+        if rset and replies[0][0] == 421:
+            return self._refused(*replies[0])
+        (mc, _), (rc, _), (dc, dt) = replies[-3:]
+        if dc == 354:
+            if mc < 400 and rc < 400:
+                self.needs_rset = False
+                ((code, text),) = yield body, FINAL
+                return DELIVERED if code // 100 == 2 else self._refused(code, text)
+            yield b".\r\n", 1  # DATA accepted though MAIL or RCPT was not: end it empty
+        return self._refused(*next((r for r in replies[-3:] if r[0] >= 400), (dc, dt)))
+
+
+class BaseConnection:  # what both drivers keep
+    def __init__(self, smtp: SmtpConfig, ctx: ssl.SSLContext | None) -> None:
+        self.smtp, self._ctx = smtp, ctx
+        self.session, self.parser = Session(), ReplyParser()
+        self._exc: BaseException | None = None  # why the connection is broken
+
+    @property
+    def usable(self) -> bool:
+        return self._exc is None and not self.session.closing
+
+    def _lost(self, exc: OSError, n: int) -> ConnectionLost:
+        self._exc = self._exc or exc
+        return ConnectionLost(exc, sent_data=n == FINAL)
+
+
+class AsyncConnection(BaseConnection, asyncio.Protocol):
+    """A connection on the event loop. Transactions may overlap on it: the next one's commands
+    may go out once the previous one's data is written (`on_free` is called then, or when a
+    transaction ends without data); replies are handed to the waiting transactions in order."""
+
+    retiring = ended = False  # for the pool: takes no new transaction; its end is accounted for
+
+    def __init__(self, smtp: SmtpConfig, ctx: ssl.SSLContext | None,
+                 on_free: Callable[[AsyncConnection], None] | None = None) -> None:
+        super().__init__(smtp, ctx)
+        self.on_free = on_free
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._waiters: deque[tuple[int, asyncio.Future[list[Reply]]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress = 0.0  # loop time of the last bytes received (or of the first waiter)
+
+    @classmethod
+    async def open(cls, smtp: SmtpConfig, *, ehlo: str, context: ssl.SSLContext | None = None,
+                   password: str | None = None, mechanisms: tuple[str, ...] = AUTH_ORDER,
+                   on_free: Callable[[AsyncConnection], None] | None = None) -> AsyncConnection:
+        """Connect, EHLO, STARTTLS, AUTH; raises OSError, ReplyError or NotOffered."""
+        conn = cls(smtp, context, on_free)
+        implicit = conn._ctx if smtp.tls == "ssl" else None
+        await asyncio.wait_for(conn._loop.create_connection(
+            lambda: conn, smtp.host, smtp.port, ssl=implicit,
+            server_hostname=smtp.host if implicit else None,
+            ssl_handshake_timeout=smtp.timeout if implicit else None), smtp.timeout)
+        try:
+            await conn._run(conn.session.handshake(ehlo, starttls=smtp.tls == "starttls", user=smtp.user,
+                                                   password=password or "", mechanisms=mechanisms), None)
+        except BaseException as exc:
+            conn.abort()
+            raise (exc.cause if isinstance(exc, ConnectionLost) else exc) from None
+        return conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's too; both set TCP_NODELAY
+
+    def data_received(self, data: bytes) -> None:
+        p = self.parser
+        try:
+            p.feed(data)
+        except ProtocolError as exc:
+            self._fail(exc)
+            self.abort()
+            return
+        self._progress = self._loop.time()
+        waiters = self._waiters
+        while waiters and len(p.ready) >= waiters[0][0]:
+            n, fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(p.take(n))
+
+    def connection_lost(self, exc: Exception | None) -> None:  # also after the server's EOF
+        self._fail(exc if isinstance(exc, OSError) else
+                   ConnectionResetError(str(exc or "the server closed the connection")))
+
+    def _fail(self, exc: BaseException) -> None:
+        self._exc = self._exc or exc
+        partial = bool(self.parser.ready)  # replies came before the close: the first waiter's
+        while self._waiters:
+            n, fut = self._waiters.popleft()
+            if fut.done():
+                continue
+            if partial:
+                fut.set_result(self.parser.take(n))
+            else:
+                fut.set_exception(self._exc)
+            partial = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expect(self, n: int) -> asyncio.Future[list[Reply]]:
+        fut: asyncio.Future[list[Reply]] = self._loop.create_future()
+        if self._exc is not None:
+            fut.set_exception(self._exc)
+        elif not self._waiters and len(self.parser.ready) >= n:
+            fut.set_result(self.parser.take(n))
+        else:
+            if not self._waiters:
+                self._progress = self._loop.time()
+            self._waiters.append((n, fut))
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._progress + self.smtp.timeout, self._check)
+        return fut
+
+    def _check(self) -> None:
+        """The read timeout: replies are awaited and nothing came for `timeout` seconds."""
+        self._timer = None
+        if not self._waiters or self._exc is not None:
+            return
+        due = self._progress + self.smtp.timeout
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
+        self._fail(TimeoutError(f"no reply from the server within {self.smtp.timeout:g} s"))
+        self.abort()
+
+    async def _run(self, flow: Flow, free: Callable[[AsyncConnection], None] | None) -> Any:
+        n = 0
+        try:
+            out, n = next(flow)
+            while True:
+                if self._exc is not None or self._transport is None:
+                    raise self._exc or ConnectionResetError("not connected")
+                self._transport.write(out)
+                if n == TLS:
+                    if self.parser.pending or self._ctx is None:
+                        raise ProtocolError("unexpected bytes after the STARTTLS reply")
+                    tr = await self._loop.start_tls(self._transport, self, self._ctx,
+                                                    server_hostname=self.smtp.host,
+                                                    ssl_handshake_timeout=self.smtp.timeout)
+                    self._transport = cast(asyncio.Transport, tr)
+                    out, n = flow.send([])
+                elif n == FINAL and free is not None:
+                    fut = self._expect(1)
+                    free(self)  # the next transaction may follow the data at once
+                    free = None
+                    out, n = flow.send(await fut)
+                else:
+                    out, n = flow.send(await self._expect(1 if n == FINAL else n))
+        except StopIteration as stop:
+            if free is not None:
+                free(self)
+            return stop.value
+        except OSError as exc:  # reset, closed, timeout, TLS, ProtocolError
+            raise self._lost(exc, n) from exc
+
+    async def send(self, env: Envelope) -> SendResult:
+        """One message; raises ConnectionLost when the connection breaks."""
+        result: SendResult = await self._run(self.session.transaction(env), self.on_free)
+        return result
+
+    def abort(self) -> None:
+        self._exc = self._exc or ConnectionAbortedError("closed by bulkmail")
+        if self._transport is not None:
+            self._transport.abort()
+
+    def quit(self) -> asyncio.Future[list[Reply]] | None:
+        """Write QUIT; the future is its reply (then `abort`, whether it came or not)."""
+        if not self.usable or self._transport is None:
+            return None
+        self._transport.write(b"QUIT\r\n")
+        return self._expect(1)

@@ -1,0 +1,137 @@
+"""What a person sees: a real CLI run in a 100-column pseudo-terminal, and the dashboard reached
+with exactly what the run prints."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.console import fit, progress_fields
+from pipeline.hooks import Progress
+
+from .conftest import write_recipients
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+NOISE = ("WARNING", "INFO", "Deprecat", "core_worker", "raylet")
+
+
+def run_in_pty(args: list[str], cwd: Path, columns: int = 100, timeout: float = 240) -> tuple[int, str]:
+    """Run the CLI with its stdout and stderr on a pseudo-terminal `columns` wide."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**os.environ, "COLUMNS": str(columns)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=env,
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    code = proc.wait(timeout=30)
+    return code, b"".join(chunks).decode("utf-8", "replace")
+
+
+def screen_lines(text: str) -> list[str]:
+    """What the terminal shows line by line: every carriage return starts the line over."""
+    out = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        for piece in line.split("\r"):
+            out.append(ANSI.sub("", piece))
+    return out
+
+
+def test_progress_line_fits_any_width() -> None:
+    p = Progress(total=1_000_000, sent=123_456, failed=7, abandoned=0, retries=3, elapsed=5,
+                 rate=1599.5)
+    for width in (20, 40, 80, 100, 200):
+        assert len(fit(progress_fields(p), width)) < width
+    assert fit(progress_fields(p), 80).startswith("123,463/1,000,000 (12.3%)")
+
+
+@pytest.mark.slow
+def test_console_in_a_100_column_terminal_is_quiet_and_fits(tmp_path: Path) -> None:
+    write_recipients(tmp_path / "in.parquet", 3000)
+    args = ["--input", "in.parquet", "--campaign", "pty", "--actors", "2",
+            "--threads-per-actor", "10", "--latency", "0.02", "--no-charts"]
+    code, text = run_in_pty(args, tmp_path)
+    assert code == 0, text
+    lines = screen_lines(text)
+    assert all(len(ln) <= 100 for ln in lines), max(lines, key=len)
+    for word in NOISE:
+        assert not [ln for ln in lines if word in ln], (word, text)
+    assert any(ln.startswith("Ray dashboard: http://") for ln in lines), text
+    assert any("ray get-auth-token" in ln for ln in lines), text
+    assert any(re.match(r"\s+sent\s+3,000$", ln) for ln in lines), text
+    (log_line,) = [ln for ln in lines if "Ray's log:" in ln]
+    log = Path(log_line.split("Ray's log:")[1].strip())
+    assert log.is_file() and "core_worker" in log.read_text()  # Ray's lines went there
+
+    code, text = run_in_pty([*args, "--campaign", "pty-verbose", "--verbose"], tmp_path)
+    assert code == 0, text
+    assert any(word in text for word in ("INFO", "core_worker", "WARNING")), text
+
+
+@pytest.mark.slow
+def test_dashboard_api_answers_with_the_printed_access(tmp_path: Path) -> None:
+    write_recipients(tmp_path / "in.parquet", 4000)
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", "--input", "in.parquet",
+                             "--campaign", "dash", "--actors", "2", "--threads-per-actor", "10",
+                             "--latency", "0.05", "--no-charts", "--progress-every", "1"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        url = command = None
+        for line in proc.stdout:
+            m = re.match(r"Ray dashboard: (http://\S+)$", line.strip())
+            if m:
+                url = m.group(1)
+            m = re.search(r"token `([^`]+)` prints", line)
+            if m:
+                command = m.group(1)
+                break
+        assert url and command, "no dashboard access printed"
+        token = subprocess.run(command.split(), capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/version", timeout=10)
+        assert refused.value.code == 401  # token authentication is on
+        req = urllib.request.Request(f"{url}/api/v0/actors?limit=100",
+                                     headers={"Authorization": f"Bearer {token}"})
+        body = ""
+        for _ in range(60):  # the pool's actors start a few seconds after the dashboard
+            body = urllib.request.urlopen(req, timeout=30).read().decode()
+            if "SendBatches[dash]" in body:
+                break
+            time.sleep(0.5)
+        assert "SendBatches[dash]" in body, body[:500]
+    finally:
+        out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
