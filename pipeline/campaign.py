@@ -75,8 +75,8 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, loaded: recipients.L
     if loaded.already_done:
         hooks.info(f"resuming campaign {p.campaign}: {loaded.already_done:,} recipients already "
                    "done are skipped")
-    hooks.info(f"campaign {p.campaign}: {loaded.to_send.height:,} to send of "
-               f"{loaded.input_rows:,} rows · {_shape(config)} · run directory {p.run_dir}")
+    hooks.info(f"{p.campaign}: sending {loaded.to_send.height:,} of {loaded.input_rows:,} rows · "
+               f"{_shape(config)} · {p.run_dir}")
 
     outcome = None
     log_file = _log_file(p) if hooks.before_ray and not config.verbose else None
@@ -153,7 +153,7 @@ def _dry_run(config: CampaignConfig, p: Plan, send: SendConfig, loaded: recipien
 def _shape(config: CampaignConfig) -> str:
     s = config.send
     what = f"{s.actors} actors × {s.concurrency} {'threads' if s.mode == 'threads' else 'async'}"
-    return what + (f" · fake sender {s.latency} s" if s.sender == "fake" else " · SMTP")
+    return what + (f" · fake {s.latency} s" if s.sender == "fake" else " · SMTP")
 
 
 def _log_file(p: Plan) -> str:

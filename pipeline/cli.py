@@ -113,7 +113,13 @@ def _summary(rep: Any, console: Console) -> None:
     console.line(f"  ledger: {rep.run_dir}/ledger.parquet")
     console.line(f"  report: {rep.run_dir}/report.md")
     if rep.log_file:
-        console.line(f"  Ray's log: {rep.log_file}")
+        console.line(f"  Ray's log: {_short(rep.log_file)}")
+
+
+def _short(path: str) -> str:
+    """`path` relative to the working directory when it lies below it (shorter lines)."""
+    rel = os.path.relpath(path) if os.path.isabs(path) else path
+    return path if rel.startswith("..") else rel
 
 
 def _install_signals(stop: threading.Event, console: Console) -> None:

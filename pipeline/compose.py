@@ -7,8 +7,9 @@ The wire bytes are written here directly, not through the `email` package: every
 the same for every recipient (From, MIME-Version, Content-Type with its boundary, the parts'
 headers) is built once per Composer, and a message only renders and encodes what varies (To,
 Subject, Date once a second, Message-ID, List-Unsubscribe, the bodies). `email.mime` cost
-260-700 µs a message here; tests/test_compose.py checks, with the `email` package's parser,
-that these messages read back as intended and as the `email` package's own ones do.
+130-300 µs a message here (plain; with an HTML part), this 23-30 µs, about 70% of it Jinja2
+rendering. tests/test_compose.py checks, with the `email` package's parser, that these
+messages read back as intended, and as the `email` package's own ones do.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from .config import MessageConfig
 from .messages import HEADER_UNSAFE, Message
 from .templates import environment, with_bodies
 
-_URL_UNSAFE = re.compile(r"[\s<>\"]")
+# Also refused in a URL: an encoded-word lookalike, which a lenient reader (Python's) decodes.
+_URL_UNSAFE = re.compile(r"[\s<>\"]|=\?[^?]+\?[bqBQ]\?[^?]*\?=")
 # A display name that can go raw: RFC 5322 atoms separated by single spaces.
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")  # ...or as one quoted-string
@@ -274,6 +276,7 @@ class Composer:
             self._mime = (b'MIME-Version: 1.0\r\nContent-Type: multipart/alternative; '
                           b'boundary="' + _BOUNDARY.encode() + b'"\r\n\r\n')
             self._delimiter = b"--" + _BOUNDARY.encode() + b"\r\n"
+        self._close = b"\r\n--" + _BOUNDARY.encode() + b"--\r\n"
 
     def context(self, msg: Message) -> dict[str, Any]:
         return {"id": msg.id, "email": msg.to, "campaign": self.campaign, **msg.fields}
@@ -345,8 +348,7 @@ class Composer:
             return b"".join((header, self._mime, self._plain[text_qp], text))
         html, html_qp = _body(p.html, single=False)
         return b"".join((header, self._mime, self._delimiter, self._plain[text_qp], text,
-                         b"\r\n", self._delimiter, self._html_part[html_qp], html,
-                         b"\r\n--" + _BOUNDARY.encode() + b"--\r\n"))
+                         b"\r\n", self._delimiter, self._html_part[html_qp], html, self._close))
 
     def compose(self, msg: Message) -> EmailMessage:
         """The message as an `EmailMessage`, parsed back from its wire bytes (what a receiver

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,3 +74,48 @@ def cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
 
 def read_ledger(tmp_path: Path, name: str = "test") -> pl.DataFrame:
     return pl.read_parquet(tmp_path / "runs" / name / "ledger.parquet")
+
+
+S3_BUCKET = "bulkmail-test"
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """moto's S3 server on loopback, one for the session (its state is reset for each test)."""
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # Credentials come from a file every node can read (as ~/.aws/credentials on a real
+    # cluster); only its path and the profile name travel to the actors, never the keys.
+    credentials = tmp_path_factory.mktemp("aws") / "aws-credentials"
+    credentials.write_text("[bulkmail-test]\naws_access_key_id = testing\n"
+                           "aws_secret_access_key = testing\n")
+    yield f"http://{host}:{port}", credentials
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """An empty S3 (bucket S3_BUCKET) and the environment that points bulkmail, its actors and
+    its subprocesses at it. moto keeps its state per process, not per server: reset it."""
+    import boto3
+    endpoint, credentials = moto_server
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"),
+                           timeout=10).read()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
+        "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_PROFILE": "bulkmail-test",
+        # moto's server stores the SDK's default streamed (aws-chunked) checksums verbatim,
+        # corrupting every object pyarrow writes; older MinIO does the same.
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata probe for credentials
+    }.items():
+        monkeypatch.setenv(key, value)
+    # A fresh session: boto3's default one keeps the profile settings it first saw.
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield client

@@ -27,7 +27,6 @@ from .test_faults import (
     start_cli,
     wait_for_sends,
 )
-from .test_s3 import s3  # noqa: F401 - the moto server fixture
 
 pytestmark = pytest.mark.slow
 

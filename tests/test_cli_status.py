@@ -17,7 +17,6 @@ import pytest
 
 from .conftest import cli, write_recipients
 from .test_faults import launch, wait_for_sends
-from .test_s3 import s3  # noqa: F401 - the moto server fixture
 
 pytestmark = pytest.mark.slow
 BULKMAIL = shutil.which("bulkmail") or "bulkmail"

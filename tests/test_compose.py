@@ -4,8 +4,9 @@ Each example is built twice, by `Composer.envelope` and by the `email` package (
 below: the composer's former code, `email.mime` and compat32, or `EmailMessage` for SMTPUTF8),
 and both are read with `email.parser.BytesParser(policy=email.policy.default)`. The fast
 message must read back as intended (the rendered values, bodies with any CR, LF or CRLF as a
-line break) and so as the reference does; where the two differ, it is the reference that
-misreads (hypothesis counts those as events: leading spaces, "=?", unfoldable long values).
+line break) over arbitrary values, and exactly as the reference does over the values the
+`email` package itself writes faithfully; beyond those, where the two differ it is the
+reference that misreads (counted as hypothesis events: edge spaces, "=?", long values).
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def body_text() -> st.SearchStrategy[str]:
 
 
 ADDRESSES = ["ada@example.com", "ana@bücher.example", "ñandú@example.com", '"a b"@example.com']
-URL_TEXT = st.text(alphabet="abc-_.~%?=&/é😀", max_size=8) | st.text(alphabet='ab <"', max_size=3)
+URL_TEXT = (st.text(alphabet="abc-_.~%?=&/é😀", max_size=8) | st.text(alphabet='ab <"', max_size=3)
+            | st.sampled_from(["=?utf-8?q?x?=", "a=?b?=c", "=?x?B?", "?q=?"]))
 UNSAFE = st.sampled_from(BREAKS) | st.characters(whitelist_categories=("Cc", "Zl", "Zp")).filter(
     lambda c: bool(HEADER_UNSAFE.match(c)))
 
@@ -240,7 +242,7 @@ def test_reads_back_as_intended_and_as_the_email_package(
     c = COMPOSERS[(html is not None, url)]
     msg = Message(7, to, MID, {"name": name, "s": subject, "t": text, "h": html, "u": u})
     link = None if URLS[url] is None else cast(str, URLS[url]).replace("{{ id }}", "7").replace("{{ u }}", u)
-    if link is not None and re.search(r"[\s<>\"]", link.strip()):
+    if link is not None and re.search(r"[\s<>\"]|=\?[^?]+\?[bqBQ]\?[^?]*\?=", link.strip()):
         with pytest.raises(ComposeError, match="not a usable URL"):
             c.envelope(msg)
         event("URL refused")
@@ -252,10 +254,30 @@ def test_reads_back_as_intended_and_as_the_email_package(
     want = intended(name=name, to=to, subject=subject, text=text, html=html, u=u, url=url)
     got = read(env.data, env.smtputf8)
     assert got == want
-    ref = read(reference({**want, "text": text, "html": html}, env.smtputf8), env.smtputf8)
+    try:
+        ref = read(reference({**want, "text": text, "html": html}, env.smtputf8), env.smtputf8)
+    except RecursionError:  # e.g. 400 raw "(" in a name: nested comments for the parser
+        event("reference unreadable")
+        return
     for key, value in want.items():
         if ref[key] != value:  # the email package misreads its own message here; we do not
             event(f"reference misreads {key}")
+
+
+def ordinary(max_size: int) -> st.SearchStrategy[str]:
+    """Values the `email` package itself writes faithfully: short, no "=?", no edge spaces."""
+    return st.text(SAFE, max_size=max_size).filter(lambda s: "=?" not in s and s == s.strip())
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=ordinary(8), subject=ordinary(60), text=body_text(), html=st.none() | body_text(),
+       to=st.sampled_from(ADDRESSES[:2]), url=st.sampled_from(sorted(URLS)))
+def test_ordinary_values_read_exactly_as_the_email_package_writes_them(
+        name: str, subject: str, text: str, html: str | None, to: str, url: str) -> None:
+    c = COMPOSERS[(html is not None, url)]
+    env = c.envelope(Message(7, to, MID, {"name": name, "s": subject, "t": text, "h": html, "u": "a"}))
+    want = intended(name=name, to=to, subject=subject, text=text, html=html, u="a", url=url)
+    assert read(env.data, False) == read(reference({**want, "text": text, "html": html}, False), False)
 
 
 @settings(max_examples=100, deadline=None)
@@ -348,7 +370,8 @@ def test_display_names_raw_quoted_or_encoded(name: str, wire: bytes) -> None:
 
 
 @pytest.mark.parametrize("subject", [" leading space", "trailing space ", "a =?utf-8?q?b?= c",
-                                     "x" * 2000, "word " * 400 + "end", "\tTab", "é" * 2000])
+                                     "x" * 2000, "word " * 400 + "end", "\tTab", "é" * 2000],
+                         ids=["leading", "trailing", "ew-lookalike", "2000x", "400words", "tab", "2000é"])
 def test_subjects_read_back_exactly_where_the_email_package_loses_them(subject: str) -> None:
     data = envelope(COMPOSERS[(False, "none")], s=subject).data
     assert read(data, False)["subject"] == subject

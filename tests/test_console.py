@@ -88,7 +88,7 @@ def test_console_in_a_100_column_terminal_is_quiet_and_fits(tmp_path: Path) -> N
     assert any("ray get-auth-token" in ln for ln in lines), text
     assert any(re.match(r"\s+sent\s+3,000$", ln) for ln in lines), text
     (log_line,) = [ln for ln in lines if "Ray's log:" in ln]
-    log = Path(log_line.split("Ray's log:")[1].strip())
+    log = tmp_path / log_line.split("Ray's log:")[1].strip()
     assert log.is_file() and "core_worker" in log.read_text()  # Ray's lines went there
 
     code, text = run_in_pty([*args, "--campaign", "pty-verbose", "--verbose"], tmp_path)

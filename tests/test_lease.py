@@ -15,55 +15,28 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from pipeline import lease as lease_mod
 from pipeline import lease_store
 from pipeline.errors import BulkmailError, UsageError
 from pipeline.lease import DEFAULT_TTL, Holder, Lease, LeaseHeld, LeaseLost, read_holder
 
-BUCKET = "bulkmail-lease-test"
+from .conftest import S3_BUCKET
+
+BUCKET = S3_BUCKET
 HOST = socket.gethostname()
 
 
 # --- fixtures: moto's S3 server on loopback (as tests/test_s3.py), or a local directory --------
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """One server for the module (a fresh prefix per test keeps tests apart)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    credentials = tmp_path_factory.mktemp("aws") / "aws-credentials"
-    credentials.write_text("[bulkmail-test]\naws_access_key_id = testing\n"
-                           "aws_secret_access_key = testing\n")
-    boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                 aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-    yield endpoint, credentials
-    server.stop()
-
-
 @pytest.fixture
-def s3_run_dir(moto: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> str:
-    endpoint, credentials = moto
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {
-        "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
-        "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_PROFILE": "bulkmail-test",
-        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(key, value)   # inherited by the subprocesses of the race tests too
+def s3_run_dir(s3: Any) -> str:
     return f"s3://{BUCKET}/runs/{uuid.uuid4().hex}/campaign"
 
 

@@ -9,48 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import polars as pl
 import pytest
-from moto.server import ThreadedMotoServer
 
 from pipeline import generate, storage
 from pipeline.campaign import run_campaign
 
-from .conftest import campaign
+from .conftest import S3_BUCKET, campaign
 
-BUCKET = "bulkmail-test"
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # Credentials come from a file every node can read (as ~/.aws/credentials on a real
-    # cluster); only its path and the profile name travel to the actors, never the keys.
-    credentials = tmp_path / "aws-credentials"
-    credentials.write_text("[bulkmail-test]\naws_access_key_id = testing\n"
-                           "aws_secret_access_key = testing\n")
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {
-        "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
-        "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_PROFILE": "bulkmail-test",
-        # moto's server stores the SDK's default streamed (aws-chunked) checksums verbatim,
-        # corrupting every object pyarrow writes; older MinIO does the same.
-        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata probe for credentials
-    }.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.stop()
+BUCKET = S3_BUCKET
 
 
 def _keys(client: object, prefix: str) -> set[str]:

@@ -11,21 +11,20 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import polars as pl
 import pytest
-from moto.server import ThreadedMotoServer
 from polars.testing import assert_frame_equal
 
 from pipeline import export, ledger, ledger_scan, status, storage
 from pipeline.errors import UsageError
 
+from .conftest import S3_BUCKET
+
 T0 = 1_750_000_000.0  # an arbitrary "now" for the fixed-time tests
-BUCKET = "bulkmail-status-test"
+BUCKET = S3_BUCKET
 
 
 # --------------------------------------------------------------------------- helpers
@@ -459,31 +458,6 @@ def test_mistakes_are_usage_errors_of_one_line(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- S3
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
-    """moto's S3 server on loopback, as in tests/test_s3.py."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    credentials = tmp_path / "aws-credentials"
-    credentials.write_text("[bulkmail-test]\naws_access_key_id = testing\n"
-                           "aws_secret_access_key = testing\n")
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {
-        "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
-        "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_PROFILE": "bulkmail-test",
-        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.stop()
 
 
 def test_status_and_export_on_s3(s3: Any, tmp_path: Path) -> None:

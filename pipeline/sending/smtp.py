@@ -325,7 +325,11 @@ class AsyncSmtpSender(_Counters):
 
     async def _quit(self, conns: list[AsyncConnection]) -> None:
         """QUIT, a moment for the replies, then close."""
-        futs = [f for f in (c.quit() for c in conns) if f is not None]
+        futs = []
+        for c in conns:
+            if c.usable:
+                c.write(b"QUIT\r\n")
+                futs.append(c.expect(1))
         if futs:
             await asyncio.wait(futs, timeout=min(self.smtp.timeout, 2.0))
             for f in futs:

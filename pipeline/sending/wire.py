@@ -262,6 +262,7 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._waiters: deque[tuple[int, asyncio.Future[list[Reply]]]] = deque()
+        self._out: list[bytes] = []  # written in this round of the loop, not yet flushed
         self._timer: asyncio.TimerHandle | None = None
         self._progress = 0.0  # loop time of the last bytes received (or of the first waiter)
 
@@ -292,9 +293,7 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
         try:
             p.feed(data)
         except ProtocolError as exc:
-            self._fail(exc)
-            self.abort()
-            return
+            return self.abort(exc)
         self._progress = self._loop.time()
         waiters = self._waiters
         while waiters and len(p.ready) >= waiters[0][0]:
@@ -322,7 +321,7 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def _expect(self, n: int) -> asyncio.Future[list[Reply]]:
+    def expect(self, n: int) -> asyncio.Future[list[Reply]]:
         fut: asyncio.Future[list[Reply]] = self._loop.create_future()
         if self._exc is not None:
             fut.set_exception(self._exc)
@@ -336,17 +335,12 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
                 self._timer = self._loop.call_at(self._progress + self.smtp.timeout, self._check)
         return fut
 
-    def _check(self) -> None:
-        """The read timeout: replies are awaited and nothing came for `timeout` seconds."""
-        self._timer = None
-        if not self._waiters or self._exc is not None:
-            return
-        due = self._progress + self.smtp.timeout
-        if self._loop.time() < due:
+    def _check(self) -> None:  # the read timeout: replies awaited, nothing came for `timeout` s
+        self._timer, due = None, self._progress + self.smtp.timeout
+        if self._waiters and self._exc is None and self._loop.time() < due:
             self._timer = self._loop.call_at(due, self._check)
-            return
-        self._fail(TimeoutError(f"no reply from the server within {self.smtp.timeout:g} s"))
-        self.abort()
+        elif self._waiters and self._exc is None:
+            self.abort(TimeoutError(f"no reply from the server within {self.smtp.timeout:g} s"))
 
     async def _run(self, flow: Flow, free: Callable[[AsyncConnection], None] | None) -> Any:
         n = 0
@@ -355,7 +349,8 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
             while True:
                 if self._exc is not None or self._transport is None:
                     raise self._exc or ConnectionResetError("not connected")
-                self._transport.write(out)
+                if out:
+                    self.write(out)
                 if n == TLS:
                     if self.parser.pending or self._ctx is None:
                         raise ProtocolError("unexpected bytes after the STARTTLS reply")
@@ -365,12 +360,12 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
                     self._transport = cast(asyncio.Transport, tr)
                     out, n = flow.send([])
                 elif n == FINAL and free is not None:
-                    fut = self._expect(1)
+                    fut = self.expect(1)
                     free(self)  # the next transaction may follow the data at once
                     free = None
                     out, n = flow.send(await fut)
                 else:
-                    out, n = flow.send(await self._expect(1 if n == FINAL else n))
+                    out, n = flow.send(await self.expect(1 if n == FINAL else n))
         except StopIteration as stop:
             if free is not None:
                 free(self)
@@ -383,14 +378,19 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
         result: SendResult = await self._run(self.session.transaction(env), self.on_free)
         return result
 
-    def abort(self) -> None:
-        self._exc = self._exc or ConnectionAbortedError("closed by bulkmail")
+    def abort(self, exc: BaseException | None = None) -> None:
+        self._fail(exc or ConnectionAbortedError("closed by bulkmail"))
         if self._transport is not None:
             self._transport.abort()
 
-    def quit(self) -> asyncio.Future[list[Reply]] | None:
-        """Write QUIT; the future is its reply (then `abort`, whether it came or not)."""
-        if not self.usable or self._transport is None:
-            return None
-        self._transport.write(b"QUIT\r\n")
-        return self._expect(1)
+    def write(self, out: bytes) -> None:
+        """Buffered until the loop's current round ends: the next transaction's commands, written
+        just after a data, go out in the same write (one system call, one packet)."""
+        if not self._out:  # two hops: a coroutine woken to take this connection writes first
+            self._loop.call_soon(self._loop.call_soon, self._flush)
+        self._out.append(out)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._exc is None and self._transport is not None:
+            self._transport.writelines(out)
