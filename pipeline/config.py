@@ -33,6 +33,38 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Relay:
+    """One SMTP relay of several (`SmtpConfig.relays`). The password is never here: only the
+    name of the environment variable that holds it, read inside the sender actor."""
+
+    host: str
+    port: int = 25
+    tls: TlsMode = "none"
+    user: str | None = None
+    password_env: str = "BULKMAIL_SMTP_PASSWORD"
+    max_connections: int | None = None  # per sender actor; None: only SmtpConfig's cap
+    rate: float | None = None  # emails per second through this relay, across the cluster
+
+    def __post_init__(self) -> None:
+        if not self.host or any(c.isspace() or c in ",[]" for c in self.host):
+            raise UsageError(f"relay host {self.host!r} is not a host name or address")
+        if isinstance(self.port, bool) or not 0 < self.port < 65536:
+            raise UsageError(f"relay {self.host}: port must be in 1..65535, got {self.port}")
+        if self.tls not in ("none", "starttls", "ssl"):
+            raise UsageError(f"relay {self.host}: tls must be none, starttls or ssl, got {self.tls!r}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise UsageError(f"relay {self.name}: max_connections must be at least 1, "
+                             f"got {self.max_connections}")
+        if self.rate is not None and not self.rate > 0:
+            raise UsageError(f"relay {self.name}: rate must be positive, got {self.rate}")
+
+    @property
+    def name(self) -> str:
+        """How logs, errors and the per-relay rate limiters name it: host:port."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class SmtpConfig:
     host: str = "127.0.0.1"
     port: int = 25
@@ -45,6 +77,11 @@ class SmtpConfig:
     timeout: float = 30.0
     # For tests with a self-signed certificate: a CA file to trust.
     ca_file: str | None = None
+    # Several relays (--smtp-host a,b or --relays FILE); empty: the one relay host/port/tls/user.
+    relays: tuple[Relay, ...] = ()
+    # Connections per sender actor in --mode async, all relays together (None: no cap beyond
+    # one per concurrent send). In --mode threads each thread keeps one connection anyway.
+    max_connections: int | None = 100
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -53,6 +90,20 @@ class SmtpConfig:
             raise UsageError(
                 f"--smtp-max-per-connection must be at least 1, got {self.max_per_connection}"
             )
+        if self.max_connections is not None and self.max_connections < 1:
+            raise UsageError(f"--smtp-max-connections must be at least 1, got {self.max_connections}")
+        names = [r.name for r in self.relays]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise UsageError(f"relay {twice} is named twice")
+        if not self.relays:
+            self.effective_relays  # noqa: B018 - checks host as a relay's
+
+    @property
+    def effective_relays(self) -> tuple[Relay, ...]:
+        """The relays to send through: `relays`, or else the one that host/port/tls/user name."""
+        return self.relays or (Relay(host=self.host, port=self.port, tls=self.tls, user=self.user,
+                                     password_env=self.password_env),)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +169,14 @@ class SendConfig:
             raise UsageError(f"--rate must be positive, got {self.rate}")
         if self.stop_timeout < 0:
             raise UsageError(f"--stop-timeout must not be negative, got {self.stop_timeout}")
+        caps = [r.max_connections for r in self.smtp.effective_relays]
+        if self.sender == "smtp" and self.mode == "threads" and None not in caps \
+                and sum(c or 0 for c in caps) < self.threads_per_actor:
+            # Each sending thread keeps a connection of its own for as long as it sends.
+            raise UsageError(
+                f"--threads-per-actor {self.threads_per_actor} is more than the relays' "
+                f"max_connections allow ({' + '.join(map(str, caps))}): in --mode threads each "
+                "thread keeps its own connection; use fewer threads or --mode async")
 
     @property
     def concurrency(self) -> int:

@@ -25,6 +25,10 @@ from .hooks import Hooks, Progress, Stages
 
 RATE_WINDOW = 10.0  # seconds of history behind the live rate (and so the ETA)
 POLL = 0.2  # seconds between the driver's looks at progress, the stop flag and the lease
+# After a stop, how long the results thread may take to see one more batch come back and close
+# Ray Data's iterator. Ray must not be shut down under a thread still inside the iterator: the
+# core worker then ends the whole process ("already been shutdown"), before the ledger is folded.
+FEEDER_JOIN = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,6 +242,9 @@ class _Follow:
                     break
         finally:
             self._quit.set()
+            # Once stopping, every batch left comes back at once (NOT_STARTED), so the thread
+            # sees the next one, breaks, and closing the iterator shuts the executor down.
+            feeder.join(FEEDER_JOIN)
         if self.hooks.on_progress:
             self.hooks.on_progress(self._progress(time.perf_counter(), t0, deadline is not None))
         totals = Totals(**{f.name: self.counts[f.name] for f in dataclasses.fields(Totals)})

@@ -44,7 +44,7 @@ def main() -> int:
             "--latency", str(a.latency), "--send-log", str(log), "--no-dashboard", "--no-charts"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     while not sends(log):
         if proc.poll() is not None:
             print("the run ended before sending", file=sys.stderr)
@@ -54,8 +54,11 @@ def main() -> int:
     sent_at_signal = len(sends(log))
     t0 = time.perf_counter()
     proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=300)
+    _, err = proc.communicate(timeout=300)
+    code = proc.returncode
     took = time.perf_counter() - t0
+    if code != 130:
+        print(err, file=sys.stderr)
     print(f"{a.actors} actors × {a.threads_per_actor} threads, latency {a.latency} s, "
           f"{a.rows:,} rows: SIGINT after {a.after:.0f} s of sending ({sent_at_signal:,} sent), "
           f"exit {code} after {took:.2f} s")

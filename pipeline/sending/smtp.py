@@ -27,6 +27,7 @@ import asyncio
 import os
 import socket
 import ssl
+import struct
 import threading
 from collections import deque
 from typing import Any
@@ -87,6 +88,13 @@ class SyncConnection(BaseConnection):
                 conn.sock = context.wrap_socket(conn.sock, server_hostname=smtp.host)
             conn._run(conn.session.handshake(ehlo, starttls=smtp.tls == "starttls", user=smtp.user,
                                              password=password or "", mechanisms=mechanisms))
+            # From now on a blocking socket whose timeouts the kernel keeps (SO_RCVTIMEO and
+            # SO_SNDTIMEO): one system call, one GIL hand-off, per read or write, where a Python
+            # socket timeout adds a poll() before each.
+            tv = struct.pack("ll", int(smtp.timeout), int(smtp.timeout % 1 * 1e6))
+            conn.sock.settimeout(None)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         except BaseException as exc:
             conn.sock.close()
             raise (exc.cause if isinstance(exc, ConnectionLost) else exc) from None
@@ -121,6 +129,8 @@ class SyncConnection(BaseConnection):
         except StopIteration as stop:
             return stop.value
         except OSError as exc:  # reset, closed, timeout, TLS, ProtocolError
+            if isinstance(exc, (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+                exc = TimeoutError(f"no reply from the server within {self.smtp.timeout:g} s")
             raise self._lost(exc, n) from exc
 
     def send(self, env: Envelope) -> SendResult:
@@ -345,9 +355,13 @@ class AsyncSmtpSender(_Counters):
         await self._quit(idle)
 
     def close(self) -> None:
-        for conn in self._idle:
-            conn.abort()
-        self._idle = []
+        """Drop the idle connections at once (`aclose`, on the loop, says QUIT first)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            try:
+                conn.abort()
+            except RuntimeError:  # its event loop is closed already
+                pass
 
 
 def preflight(smtp: SmtpConfig) -> None:

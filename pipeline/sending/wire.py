@@ -6,10 +6,9 @@ driver only writes, reads and upgrades to TLS, so both run the same protocol cod
 PIPELINING (RFC 2920): MAIL + RCPT + DATA in one write, then the dot-stuffed data and "." in one
 write; RSET only after a transaction refused before its data, first in the next group. The async
 driver frees the connection once the data is written (`FINAL`): the next coroutine's commands
-follow that "." in the same flight, and replies go to the waiters in order. Without PIPELINING:
-lock-step, a reused connection checked with RSET first (`Session.lockstep_rset`). 4xx transient,
-5xx permanent, 421 closes. A broken connection raises `ConnectionLost`; `retry_safe`: the data was
-not written, so the message cannot have been delivered and may go out on a new connection at once.
+follow that "." in the same write, and replies go to the waiters in order. Without PIPELINING:
+lock-step, RSET before each reuse (`Session.lockstep_rset`). 4xx transient, 5xx permanent, 421
+closes. A broken connection raises `ConnectionLost`; `retry_safe`: the data was not written yet.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ FINAL = -2  # the data has been written: read its one final reply
 CRLF = b"\r\n"
 AUTH_ORDER = ("PLAIN", "LOGIN")
 CLOSED = (421, b"4.4.2 the server closed the connection before replying")
-_UNSAFE_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 _BARE_EOL = re.compile(rb"\r\n|\n|\r(?!\n)")
 
 
@@ -78,12 +76,8 @@ def dot_stuffed(data: bytes) -> bytes:
     crlf = data.count(CRLF)
     if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
         data = _BARE_EOL.sub(CRLF, data)
-    data = data.replace(b"\r\n.", b"\r\n..")
-    if data[:1] == b".":
-        data = b"." + data
-    if data and not data.endswith(CRLF):
-        data += CRLF
-    return data + b".\r\n"
+    data = (b"." if data[:1] == b"." else b"") + data.replace(b"\r\n.", b"\r\n..")
+    return data + (b".\r\n" if not data or data.endswith(CRLF) else b"\r\n.\r\n")
 
 
 class ReplyParser:
@@ -108,22 +102,23 @@ class ReplyParser:
         if len(self._buf) > 65536:
             raise ProtocolError("reply line over 64 KiB")
         for line in (data[:end] if self._buf else data).splitlines():
-            code, sep = line[:3], line[3:4]
-            if not code.isdigit() or sep not in (b" ", b"-", b""):
+            sep = line[3:4]
+            code = int(line[:3]) if line[:3].isdigit() and sep in (b" ", b"-", b"") else 0
+            if not code:
                 raise ProtocolError(f"not an SMTP reply: {line[:80]!r}")
             if sep == b"-":
                 self._lines.append(line[4:])
             elif self._lines:
-                self.ready.append((int(code), b"\n".join([*self._lines, line[4:]])))
+                self.ready.append((code, b"\n".join([*self._lines, line[4:]])))
                 self._lines = []
             else:
-                self.ready.append((int(code), line[4:]))
+                self.ready.append((code, line[4:]))
 
     def take(self, n: int) -> list[Reply]:
         """`n` replies; when the server closed before all came, the missing ones are CLOSED."""
         out = self.ready[:n]
         del self.ready[:n]
-        return out + [CLOSED] * (n - len(out))
+        return out if len(out) == n else out + [CLOSED] * (n - len(out))
 
 
 class Capabilities:
@@ -200,27 +195,27 @@ class Session:
         caps, data = self.caps, env.data
         if env.smtputf8 and not caps.smtputf8:
             return SendResult("permanent", f"server does not offer SMTPUTF8, needed for {env.recipient!r}")
-        if _UNSAFE_ADDRESS.search(env.sender + env.recipient):
+        if not (both := env.sender + env.recipient).isprintable() or "<" in both or ">" in both:
             return SendResult("permanent", f"envelope address unsafe for SMTP: {env.recipient!r}")
         if caps.size and len(data) > caps.size:
             return SendResult("permanent", f"message of {len(data)} bytes is over the server's SIZE "
                               f"limit of {caps.size}")
         opts = (b" SMTPUTF8" if env.smtputf8 else b"") + (b" SIZE=%d" % len(data) if caps.size else b"")
         rset = self.needs_rset or (not caps.pipelining and self.lockstep_rset and self.sent > 0)
-        cmds = [b"RSET\r\n"] * rset + [b"MAIL FROM:<%s>%s\r\n" % (env.sender.encode(), opts),
-                                        b"RCPT TO:<%s>\r\n" % env.recipient.encode(), b"DATA\r\n"]
+        group = (b"RSET\r\n" if rset else b"") + b"MAIL FROM:<%s>%s\r\nRCPT TO:<%s>\r\nDATA\r\n" % (
+            env.sender.encode(), opts, env.recipient.encode())
         body = dot_stuffed(data)
         self.sent += 1
         self.needs_rset = True  # until the data phase is reached
         if caps.pipelining:
-            replies = yield b"".join(cmds), len(cmds)
+            replies = yield group, 3 + rset
         else:  # lock-step, up to the first refusal
             replies = []
-            for cmd in cmds:
+            for cmd in group.splitlines(keepends=True):
                 replies += yield cmd, 1
                 if replies[-1][0] >= 400:
                     break
-            replies += [CLOSED] * (len(cmds) - len(replies))
+            replies += [CLOSED] * (3 + rset - len(replies))
         if rset and replies[0][0] == 421:
             return self._refused(*replies[0])
         (mc, _), (rc, _), (dc, dt) = replies[-3:]
@@ -298,8 +293,9 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
         waiters = self._waiters
         while waiters and len(p.ready) >= waiters[0][0]:
             n, fut = waiters.popleft()
+            replies = p.take(n)  # taken even for a cancelled waiter: they are its replies
             if not fut.done():
-                fut.set_result(p.take(n))
+                fut.set_result(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:  # also after the server's EOF
         self._fail(exc if isinstance(exc, OSError) else
@@ -372,6 +368,9 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
             return stop.value
         except OSError as exc:  # reset, closed, timeout, TLS, ProtocolError
             raise self._lost(exc, n) from exc
+        except asyncio.CancelledError:  # cut off mid-transaction: the session's state is unknown
+            self.abort()
+            raise
 
     async def send(self, env: Envelope) -> SendResult:
         """One message; raises ConnectionLost when the connection breaks."""
