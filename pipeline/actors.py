@@ -81,8 +81,9 @@ class Coordinator:
         return self._stopping
 
 
-# The global rate limit's one authority (sending/ratelimit.py). Pinned to the driver's node by
-# the caller, like the Coordinator, and never restarted: its state is the schedule itself.
+# A rate limit's one authority (sending/ratelimit.py): the global one (--rate), and one per
+# relay with a `rate`. Pinned to the driver's node by the caller, like the Coordinator, and never
+# restarted: its state is the schedule itself.
 RateLimiter = ray.remote(num_cpus=0, max_restarts=0)(ratelimit.SlotSchedule)
 
 
@@ -125,7 +126,8 @@ class SendBatches:
             runtime_env=runtime_env)
 
     def __init__(self, *, run_dir: str, campaign: str, run_id: str, epoch: int, config: SendConfig,
-                 coordinator: Any, fields: tuple[str, ...], rate_limiter: Any = None) -> None:
+                 coordinator: Any, fields: tuple[str, ...], rate_limiter: Any = None,
+                 relay_limiters: dict[str, Any] | None = None) -> None:
         # The cyclic GC, not sending, was half of an async actor's CPU: asyncio allocates a few
         # container objects per email (future, timer handle, coroutine), so at the default
         # threshold (700) a young collection ran every ~100 emails and the older generations
@@ -147,11 +149,17 @@ class SendBatches:
         self.domain = messages.id_domain(config.message.from_addr)
         self.ledger = ledger.LedgerWriter(run_dir, writer=self.actor, node=self.node, run=run_id,
                                           epoch=epoch, flush_seconds=config.flush_seconds)
-        sender = make_sender(config, campaign=campaign)
+        # Each rated relay's schedule (a RateLimiter of its own, send_stage.py): this actor's
+        # client of it, handed to the sender, which waits for a slot of the relay it chose.
+        rates = {r.name: r.rate for r in config.smtp.effective_relays if r.rate is not None}
+        self.relay_limiters = {name: _limiter(handle, rates[name], config.concurrency)
+                               for name, handle in (relay_limiters or {}).items()}
+        sender = make_sender(config, campaign=campaign, limiters=self.relay_limiters)
         from .metrics import SendMetrics
         self.metrics = (SendMetrics(campaign=campaign, actor=self.actor, node=self.node)
                         if config.metrics else None)
-        self.limiter = _limiter(rate_limiter, config) if rate_limiter is not None else None
+        self.limiter = (_limiter(rate_limiter, config.rate, config.concurrency)
+                        if rate_limiter is not None and config.rate is not None else None)
         self._calls = 0  # batches under way in this actor (Ray Data runs two at a time)
         self._calls_lock = threading.Lock()
         self._retry_lock = threading.Lock()  # one retried (crashed-before) batch at a time
@@ -225,8 +233,10 @@ class SendBatches:
             with self._calls_lock:
                 self._calls -= 1
                 idle = self._calls == 0
-            if idle and self.limiter is not None:
-                self.limiter.give_back()
+            if idle:
+                for limiter in (self.limiter, *self.relay_limiters.values()):
+                    if limiter is not None:
+                        limiter.give_back()
 
     def _give_up(self, batch: pa.Table, skip: set[int], attempt: int) -> pa.Table:
         reason = (f"worker process died {attempt - 1} times while sending this batch; "
@@ -252,12 +262,12 @@ class SendBatches:
             pass
 
 
-def _limiter(schedule: Any, config: SendConfig) -> ratelimit.SlotLimiter:
-    """This actor's client of the global rate limit (the RateLimiter actor)."""
-    assert config.rate is not None
+def _limiter(schedule: Any, rate: float, concurrency: int) -> ratelimit.SlotLimiter:
+    """This actor's client of a cluster-wide rate limit (a RateLimiter actor): the global one,
+    or one relay's."""
     offset = ratelimit.estimate_offset(lambda: float(ray.get(schedule.now.remote())))
     # One request may cover every waiting worker, or one second of the whole rate.
-    chunk = max(config.concurrency, math.ceil(config.rate))
+    chunk = max(concurrency, math.ceil(rate))
 
     def grant(n: int) -> ratelimit.Grant:
         slots, retry_at = ray.get(schedule.grant.remote(n))

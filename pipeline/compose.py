@@ -318,7 +318,7 @@ class Composer:
         now = int(time.time())
         sec, value = self._date  # one tuple: safe to read while another thread replaces it
         if sec != now:
-            value = format_datetime(dt.datetime.fromtimestamp(now, dt.timezone.utc))
+            value = format_datetime(dt.datetime.fromtimestamp(now, dt.UTC))
             self._date = (now, value)
         return value
 

@@ -1,15 +1,18 @@
-"""The run command's flags, and how they become a CampaignConfig (no I/O, no Ray)."""
+"""The run command's flags, and how they become a CampaignConfig (no Ray; the one file read
+here is --relays, so that its mistakes end the run before anything else starts)."""
 
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+import tomllib
+from typing import Any, NoReturn
 
 from .config import (
     DEFAULT_LATENCY,
     DEFAULT_SUBJECT,
     CampaignConfig,
     MessageConfig,
+    Relay,
     RetryPolicy,
     SendConfig,
     SmtpConfig,
@@ -96,15 +99,24 @@ def build_parser(prog: str = "bulkmail") -> argparse.ArgumentParser:
                    "send nothing")
 
     g = p.add_argument_group("SMTP (--sender smtp); the password comes only from "
-                             "$BULKMAIL_SMTP_PASSWORD")
-    g.add_argument("--smtp-host", default="127.0.0.1", help="SMTP server host")
+                             "$BULKMAIL_SMTP_PASSWORD (or the variable a relay's password_env "
+                             "names)")
+    g.add_argument("--smtp-host", default=argparse.SUPPRESS, help="SMTP server host, or several relays, "
+                   "comma-separated, each host or host:port (new connections are spread over "
+                   "them; a failing one is taken out of rotation); default: 127.0.0.1")
     g.add_argument("--smtp-port", type=int, default=25, help="SMTP server port")
+    g.add_argument("--relays", default=None, metavar="FILE",
+                   help="relays from a TOML file of [[relay]] tables (host, port, tls, user, "
+                   "password_env, max_connections, rate); keys left out take the --smtp-* value")
     g.add_argument("--smtp-tls", choices=["none", "starttls", "ssl"], default="none",
                    help="none: plain; starttls: upgrade after EHLO; ssl: TLS from the first byte")
     g.add_argument("--smtp-user", default=None,
                    help="AUTH user (the password is read from $BULKMAIL_SMTP_PASSWORD)")
     g.add_argument("--smtp-max-per-connection", type=int, default=100,
                    help="messages per connection before it is replaced")
+    g.add_argument("--smtp-max-connections", type=int, default=100,
+                   help="--mode async: open connections per actor, all relays together (in "
+                   "--mode threads each thread keeps one)")
     g.add_argument("--smtp-timeout", type=float, default=30.0,
                    help="seconds before a silent SMTP server counts as a transient failure")
     g.add_argument("--smtp-ca-file", default=None, help="CA bundle to trust for TLS")
@@ -135,9 +147,7 @@ def config_from_args(a: argparse.Namespace) -> CampaignConfig:
         batch_size=a.batch_size, sender=a.sender, latency=a.latency, fail_rate=a.fail_rate,
         permanent_fail_rate=a.permanent_fail_rate, seed=a.seed, send_log=a.send_log,
         retry=RetryPolicy(max_attempts=a.max_attempts, backoff_base=a.backoff),
-        smtp=SmtpConfig(host=a.smtp_host, port=a.smtp_port, tls=a.smtp_tls, user=a.smtp_user,
-                        max_per_connection=a.smtp_max_per_connection, timeout=a.smtp_timeout,
-                        ca_file=a.smtp_ca_file),
+        smtp=smtp_config(a),
         message=MessageConfig(from_addr=a.from_addr, subject=a.subject, template=a.template,
                               unsubscribe_url=a.unsubscribe_url),
         rate=a.rate, metrics=not a.no_metrics, stop_timeout=a.stop_timeout,
@@ -154,3 +164,88 @@ def config_from_args(a: argparse.Namespace) -> CampaignConfig:
         lease_ttl=a.lease_ttl, send=send)
 
 
+def smtp_config(a: argparse.Namespace) -> SmtpConfig:
+    """--smtp-* and --relays: one relay (host, port) or several (`relays`)."""
+    host = getattr(a, "smtp_host", None)  # no default: given or not
+    if a.relays is not None and host is not None:
+        raise UsageError("--relays and --smtp-host both name the relays: use one of them")
+    defaults = dict(port=a.smtp_port, tls=a.smtp_tls, user=a.smtp_user)
+    relays = (read_relays(a.relays, defaults) if a.relays is not None
+              else parse_hosts(host or "127.0.0.1", defaults))
+    one = relays[0] if len(relays) == 1 and a.relays is None else None
+    return SmtpConfig(host=one.host if one else "127.0.0.1", port=one.port if one else a.smtp_port,
+                      tls=a.smtp_tls, user=a.smtp_user, relays=() if one else relays,
+                      max_per_connection=a.smtp_max_per_connection, timeout=a.smtp_timeout,
+                      ca_file=a.smtp_ca_file, max_connections=a.smtp_max_connections)
+
+
+def parse_hosts(value: str, defaults: dict[str, Any]) -> tuple[Relay, ...]:
+    """`--smtp-host a,b:2526,[::1]:25`: each host or host:port (the port defaults to --smtp-port)."""
+    out = []
+    for item in (part.strip() for part in value.split(",")):
+        host, port = item, defaults["port"]
+        if item.startswith("["):  # [IPv6] or [IPv6]:port
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else (rest or port)
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        if not str(port).isdigit():
+            raise UsageError(f"--smtp-host {value}: port {port!r} of {item!r} is not a number")
+        try:
+            out.append(Relay(**{**defaults, "host": host, "port": int(port)}))
+        except UsageError as exc:
+            raise UsageError(f"--smtp-host {value}: {exc}") from None
+        if out[-1] in out[:-1]:
+            raise UsageError(f"--smtp-host {value}: relay {out[-1].name} is named twice")
+    return tuple(out)
+
+
+# Each key a [[relay]] table may have: the types its value may take, and how to say so.
+_TEXT, _WHOLE, _NUMBER = ((str,), "a string"), ((int,), "a whole number"), ((int, float), "a number")
+RELAY_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "host": _TEXT, "port": _WHOLE, "tls": _TEXT, "user": _TEXT, "password_env": _TEXT,
+    "max_connections": _WHOLE, "rate": _NUMBER}
+
+
+def read_relays(path: str, defaults: dict[str, Any]) -> tuple[Relay, ...]:
+    """The relays of a TOML file of [[relay]] tables; each mistake is one line naming the file
+    and the key. A password is never in the file: `password_env` names the variable with it."""
+    where = f"--relays {path}"
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{where}: not valid TOML: {' '.join(str(exc).split())}") from None
+    extra = sorted(set(data) - {"relay"})
+    if extra:
+        raise UsageError(f"{where}: unknown key {extra[0]!r} (the file holds [[relay]] tables)")
+    tables = data.get("relay")
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise UsageError(f"{where}: no [[relay]] tables")
+    relays = []
+    for i, table in enumerate(tables, 1):
+        at = f"{where}: [[relay]] {i}"
+        for key, value in table.items():
+            if key == "password":
+                raise UsageError(f"{at}: key 'password': a password is never taken from the file; "
+                                 "name the environment variable that holds it with password_env")
+            if key not in RELAY_KEYS:
+                raise UsageError(f"{at}: unknown key {key!r} (known: {', '.join(RELAY_KEYS)})")
+            types, kind = RELAY_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise UsageError(f"{at}: key {key!r} must be {kind}, got {value!r}")
+        if "host" not in table:
+            raise UsageError(f"{at}: missing key 'host'")
+        if "rate" in table:
+            table["rate"] = float(table["rate"])
+        try:
+            relays.append(Relay(**{**defaults, **table}))
+        except UsageError as exc:
+            raise UsageError(f"{at}: {exc}") from None
+    names = [r.name for r in relays]
+    for i, name in enumerate(names, 1):
+        if names.index(name) + 1 != i:
+            raise UsageError(f"{where}: [[relay]] {i}: relay {name} is listed twice")
+    return tuple(relays)

@@ -79,12 +79,18 @@ def batch_size_for(send: SendConfig, rows: int) -> int:
     # actor keep the next batch queued behind it. Cap so every actor sees at least 4 batches,
     # otherwise the tail waits on one actor.
     per_actor_share = math.ceil(rows / (send.actors * 4)) if rows else 1
-    if send.rate is not None:
+    rate = send.rate
+    relay_rates = [r.rate for r in send.smtp.effective_relays if r.rate is not None]
+    if relay_rates and send.sender == "smtp":
+        # Relays with a rate pace the sends that chose them, as --rate paces all: size by their
+        # sum (what the run sends per second at least, or at most when every relay has one).
+        rate = min(rate, sum(relay_rates)) if rate is not None else sum(relay_rates)
+    if rate is not None:
         # Rate-limited, a batch of `concurrency` drains in a fraction of a second, and the
         # per-batch costs (ledger flush, Ray Data hand-off: tens of ms on a loaded machine)
         # open gaps in the rate: measured 150/s for --rate 200 with batches of 20. A batch of
         # one second of the actor's share of the rate hides them.
-        share = math.ceil(send.rate / send.actors)
+        share = math.ceil(rate / send.actors)
         return max(1, min(per_actor_share, max(send.concurrency, share)))
     if send.mode == "async":
         # Tens of thousands of workers per actor: a batch of the whole pool drains it at every
@@ -144,6 +150,11 @@ def send(rows: pl.DataFrame, job: SendJob, *, config: CampaignConfig, hooks: Hoo
             if send_cfg.rate is not None:
                 rate_limiter = RateLimiter.options(
                     scheduling_strategy=ray_session.this_node()).remote(send_cfg.rate)
+            # And one schedule per relay with a rate of its own, shared the same way.
+            relay_limiters = {
+                r.name: RateLimiter.options(scheduling_strategy=ray_session.this_node()).remote(r.rate)
+                for r in send_cfg.smtp.effective_relays
+                if r.rate is not None and send_cfg.sender == "smtp"}
 
         with stages.time("partition"):
             ds = partition(rows, batch_size=batch_size)
@@ -151,7 +162,8 @@ def send(rows: pl.DataFrame, job: SendJob, *, config: CampaignConfig, hooks: Hoo
         with stages.time("send"):
             constructor = dict(run_dir=job.run_dir, campaign=job.campaign, run_id=job.run_id,
                                epoch=job.epoch, config=send_cfg, coordinator=coordinator,
-                               fields=job.fields, rate_limiter=rate_limiter)
+                               fields=job.fields, rate_limiter=rate_limiter,
+                               relay_limiters=relay_limiters)
             out = ds.map_batches(SendBatches.for_campaign(job.campaign), **SendBatches.map_batches_kwargs(
                 send_cfg, batch_size=batch_size, calls=calls, constructor=constructor,
                 runtime_env=_storage_env(job.run_dir)))

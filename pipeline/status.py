@@ -26,7 +26,7 @@ LINE_WIDTH = 100
 
 
 def _utc(epoch: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+    return dt.datetime.fromtimestamp(epoch, dt.UTC)
 
 
 def _epoch(value: object) -> float | None:

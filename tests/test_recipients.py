@@ -290,7 +290,7 @@ def _exotic_frame(rows: int) -> pl.DataFrame:
         "blob": [bytes([i % 256, 0, 255]) for i in range(rows)],
         "born": [dt.date(1990, 1, 1 + i % 28) for i in range(rows)],
         "balance": [decimal.Decimal(f"{i}.25") for i in range(rows)],
-        "seen_at": [dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)] * rows,
+        "seen_at": [dt.datetime(2024, 1, 1, tzinfo=dt.UTC)] * rows,
         "wait": [dt.timedelta(seconds=i) for i in range(rows)],
         "kind": ["a", "b"] * (rows // 2) + ["a"] * (rows % 2),
         "nothing": [None] * rows,

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from ..ledger import SENT
-from .base import AsyncSender, SendResult
+from .base import ABANDONED, AsyncSender, SendResult
 from .engine import BatchCounts, Engine, _Job
 
 
@@ -110,6 +110,9 @@ class AsyncEngine(Engine):
             except Exception as exc:  # noqa: BLE001 - a sender bug must not kill the worker
                 result = SendResult("transient", f"{type(exc).__name__}: {exc}")
             t1 = now()
+            if result is ABANDONED:  # the sender was cancelled by a stop before sending
+                self._abandon(job)
+                continue
             if result.status == "sent" and job.attempts == 0:
                 # The common case, inlined: first attempt delivered (same effect as _settle).
                 job.attempts = 1

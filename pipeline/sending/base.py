@@ -26,12 +26,17 @@ class SendResult:
 
 
 DELIVERED = SendResult("sent")  # the one result every successful send returns
+# Not sent because the run is stopping (a sender waiting for a relay's rate slot was cancelled):
+# the engines abandon the message (a resume sends it) instead of recording an attempt.
+ABANDONED = SendResult("transient", "not sent: the run is stopping")
 
 
 @runtime_checkable
 class Sender(Protocol):
     def send(self, message: Message) -> SendResult: ...
     def close(self) -> None: ...
+    # Optional: `cancel()` (called by `Engine.stop`) makes sends waiting inside the sender (for
+    # a relay's rate slot) return ABANDONED at once.
 
 
 @runtime_checkable

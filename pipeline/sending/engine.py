@@ -111,9 +111,12 @@ class Engine:
     def stop(self) -> None:
         """Stop starting sends: in-flight ones finish, queued and waiting ones are abandoned."""
         self._stopping.set()
-        cancel = getattr(self.limiter, "cancel", None)
-        if cancel is not None:  # workers asleep until a rate-limit slot wake up now
-            cancel()
+        # Workers asleep until a rate-limit slot (the global one, or a relay's inside the
+        # sender: the subclasses' `sender`) wake up now.
+        for waits in (self.limiter, getattr(self, "sender", None)):
+            cancel = getattr(waits, "cancel", None)
+            if cancel is not None:
+                cancel()
         self._drain()
 
     @property

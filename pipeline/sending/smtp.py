@@ -1,170 +1,77 @@
 """Real SMTP senders on bulkmail's own client (wire.py): `SmtpSender` (a blocking connection per
-sending thread, `SyncConnection` below) and `AsyncSmtpSender` (a pool of `AsyncConnection`s shared
+sending thread, blocking.SyncConnection) and `AsyncSmtpSender` (a pool of `AsyncConnection`s shared
 by the event loop's coroutines, each carrying one transaction at a time, or two overlapping: the
-next one's commands may follow the previous one's data).
+next one's commands may follow the previous one's data). Each opens its connections through a
+`relays.RelayPool`, which chooses among several relays and takes a failing one out of rotation.
 
 Connection discipline, the same in both:
 - a connection is reused for up to `max_per_connection` messages, with no RSET between
   successful transactions when the server offers PIPELINING (lock-step servers get an RSET
   before each reuse: wire.Session.lockstep_rset); then it is closed with QUIT;
+- a connection attempt that fails goes at once to another healthy relay, in the same send
+  (relays.py); with one relay, the failure is the send's transient (or permanent) result;
 - a connection that broke before a message's data was written (a server that dropped an idle
   connection, say) cannot have delivered it: the message goes out at once on a new connection
-  (counted in `reconnects`);
+  (counted in `reconnects`), on another relay if it was a fresh connection that broke;
 - a connection error after the data was written fails that message only, as transient (the
   engine retries it after a backoff), and the connection is thrown away, so it never poisons
   the next send;
+- a relay with a `rate` is paced right before each transaction: the sender waits for a slot of
+  that relay's cluster-wide schedule (its limiter); a limiter cancelled by a stop answers
+  `ABANDONED` (not sent, not an attempt);
 - reply codes: 4xx transient, 5xx permanent, the server's text is the result's error; a 421
   also closes the connection.
 
-The password is read from the environment variable named by `SmtpConfig.password_env`, here,
-inside the sender actor: it never travels in a config, a Ray task argument, the ledger, the
-report or a log line, and no error text carries what the client wrote.
+The password is read from the environment variable each relay names (`password_env`), inside
+the sender actor: it never travels in a config, a Ray task argument, the ledger, the report or
+a log line, and no error text carries what the client wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import ssl
-import struct
 import threading
 from collections import deque
-from typing import Any
+from collections.abc import Mapping
 
 from ..compose import ComposeError, Composer, Envelope
-from ..config import SendConfig, SmtpConfig
-from ..errors import UsageError
+from ..config import Relay, SendConfig, SmtpConfig
 from ..messages import Message
-from . import wire
-from .base import SendResult
-from .wire import AsyncConnection, BaseConnection, ConnectionLost, NotOffered, ReplyError, reply_result
+from .base import ABANDONED, SendResult
+from .blocking import SyncConnection
+from .relays import (
+    CONNECT_ERRORS,
+    Failover,
+    Limiter,
+    RelayPool,
+    RelayState,
+    connection_result,
+    env_password,
+    preflight,
+    tls_context,
+)
+from .wire import AsyncConnection, ConnectionLost, reply_result
 
 __all__ = ["AsyncSmtpSender", "SmtpSender", "SyncConnection", "connection_result", "make_smtp_sender",
            "preflight", "reply_result", "tls_context"]
-CONNECT_ERRORS = (OSError, asyncio.TimeoutError, ReplyError, NotOffered)
-
-
-def tls_context(smtp: SmtpConfig) -> ssl.SSLContext | None:
-    if smtp.tls == "none":
-        return None
-    # Certificates are verified (hostname included); `ca_file` adds a CA to trust (a private
-    # or test CA) on top of the system's.
-    ctx = ssl.create_default_context()
-    if smtp.ca_file:
-        ctx.load_verify_locations(cafile=smtp.ca_file)
-    return ctx
-
-
-def connection_result(exc: BaseException, where: str) -> SendResult:
-    detail = wire.one_line(exc) or type(exc).__name__
-    return SendResult("transient", f"{where}: {type(exc).__name__}: {detail}")
-
-
-def connect_result(exc: BaseException) -> SendResult:
-    """Opening a connection failed: a refusal (greeting, STARTTLS, AUTH), a missing extension
-    (never sent anyway: permanent) or a connection error (refused, reset, timeout, TLS)."""
-    if isinstance(exc, ReplyError):
-        return reply_result(exc.code, exc.text, "connect")
-    if isinstance(exc, NotOffered):
-        return SendResult("permanent", f"connect: {exc}")
-    return connection_result(exc, "connect")
-
-
-class SyncConnection(BaseConnection):
-    """wire's blocking driver (the thread engine: each sending thread keeps its own)."""
-
-    sock: socket.socket
-
-    @classmethod
-    def open(cls, smtp: SmtpConfig, *, ehlo: str, context: ssl.SSLContext | None = None,
-             password: str | None = None, mechanisms: tuple[str, ...] = wire.AUTH_ORDER) -> SyncConnection:
-        """Connect, EHLO, STARTTLS, AUTH; raises OSError, ReplyError or NotOffered."""
-        conn = cls(smtp, context)
-        conn.sock = socket.create_connection((smtp.host, smtp.port), timeout=smtp.timeout)
-        try:
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if smtp.tls == "ssl" and context is not None:
-                conn.sock = context.wrap_socket(conn.sock, server_hostname=smtp.host)
-            conn._run(conn.session.handshake(ehlo, starttls=smtp.tls == "starttls", user=smtp.user,
-                                             password=password or "", mechanisms=mechanisms))
-            # From now on a blocking socket whose timeouts the kernel keeps (SO_RCVTIMEO and
-            # SO_SNDTIMEO): one system call, one GIL hand-off, per read or write, where a Python
-            # socket timeout adds a poll() before each.
-            tv = struct.pack("ll", int(smtp.timeout), int(smtp.timeout % 1 * 1e6))
-            conn.sock.settimeout(None)
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        except BaseException as exc:
-            conn.sock.close()
-            raise (exc.cause if isinstance(exc, ConnectionLost) else exc) from None
-        return conn
-
-    def _read(self, n: int) -> list[wire.Reply]:
-        p = self.parser
-        while len(p.ready) < n:
-            data = self.sock.recv(65536)
-            if not data:
-                self._exc = ConnectionResetError("the server closed the connection")
-                if p.ready:  # replies came before the close: the missing ones are 421s
-                    return p.take(n)
-                raise self._exc
-            p.feed(data)
-        return p.take(n)
-
-    def _run(self, flow: wire.Flow) -> Any:
-        n = 0
-        try:
-            out, n = next(flow)
-            while True:
-                if out:
-                    self.sock.sendall(out)
-                if n == wire.TLS:
-                    if self.parser.pending or self._ctx is None:
-                        raise wire.ProtocolError("unexpected bytes after the STARTTLS reply")
-                    self.sock = self._ctx.wrap_socket(self.sock, server_hostname=self.smtp.host)
-                    out, n = flow.send([])
-                else:
-                    out, n = flow.send(self._read(1 if n == wire.FINAL else n))
-        except StopIteration as stop:
-            return stop.value
-        except OSError as exc:  # reset, closed, timeout, TLS, ProtocolError
-            if isinstance(exc, (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)):
-                exc = TimeoutError(f"no reply from the server within {self.smtp.timeout:g} s")
-            raise self._lost(exc, n) from exc
-
-    def send(self, env: Envelope) -> SendResult:
-        """One message; raises ConnectionLost when the connection breaks."""
-        if self.parser.pending:  # a reply nobody asked for (a 421 while idle, say)
-            raise self._lost(wire.ProtocolError("unsolicited reply on an idle connection"), 0)
-        result: SendResult = self._run(self.session.transaction(env))
-        return result
-
-    def close(self) -> None:
-        """QUIT (waiting a moment for its reply), then close."""
-        if self.usable:
-            try:
-                self.sock.settimeout(min(self.smtp.timeout, 2.0))
-                self.sock.sendall(b"QUIT\r\n")
-                self._read(1)
-            except OSError:
-                pass
-        self._exc = self._exc or ConnectionAbortedError("closed by bulkmail")
-        self.sock.close()
 
 
 class _Counters:
-    """What both SMTP senders share: their settings, TLS context, EHLO name and counters."""
+    """What both SMTP senders share: their settings, relays, EHLO name and counters."""
 
     def __init__(self, smtp: SmtpConfig, composer: Composer, *, password: str | None,
-                 local_hostname: str | None) -> None:
+                 local_hostname: str | None, limiters: Mapping[str, Limiter] | None,
+                 pool: RelayPool | None, max_connections: int | None) -> None:
         self._lock = threading.Lock()
         self.connections_opened = 0
         self.reconnects = 0
         self.smtp = smtp
         self.composer = composer
-        self._password = password
-        self._ctx = tls_context(smtp)
+
+        def given(_: Relay) -> str | None:
+            return password
+        self.pool = pool or RelayPool(smtp, password=env_password if password is None else given,
+                                      limiters=limiters, max_connections=max_connections)
         # EHLO name: the From domain, not socket.getfqdn() (a DNS lookup per connection).
         self._ehlo = local_hostname or composer.envelope_from.rpartition("@")[2] or "localhost"
 
@@ -176,19 +83,35 @@ class _Counters:
         with self._lock:
             self.reconnects += 1
 
+    def cancel(self) -> None:
+        """The run is stopping (Engine.stop): sends waiting for a relay's slot answer ABANDONED."""
+        self.pool.cancel()
+
     def _envelope(self, message: Message) -> Envelope | SendResult:
         try:
             return self.composer.envelope(message)
         except ComposeError as exc:
             return SendResult("permanent", f"message not built: {exc}")
 
+    def _broke_fresh(self, f: Failover, relay: RelayState, failure: SendResult) -> bool:
+        """A fresh connection to `relay` broke before the data: with other relays, the send goes
+        on to them (True); with one, `failure` is its result (False)."""
+        if not self.pool.rotation:
+            return False
+        self.pool.lost(relay, failure)
+        f.tried.append(relay)
+        f.last = failure
+        return True
+
 
 class SmtpSender(_Counters):
     """Thread-safe: each sending thread keeps its own connection (`threading.local`)."""
 
     def __init__(self, smtp: SmtpConfig, composer: Composer, *, password: str | None = None,
-                 local_hostname: str | None = None) -> None:
-        super().__init__(smtp, composer, password=password, local_hostname=local_hostname)
+                 local_hostname: str | None = None, limiters: Mapping[str, Limiter] | None = None,
+                 pool: RelayPool | None = None) -> None:
+        super().__init__(smtp, composer, password=password, local_hostname=local_hostname,
+                         limiters=limiters, pool=pool, max_connections=None)
         self._local = threading.local()
         self._all: set[SyncConnection] = set()
 
@@ -196,16 +119,46 @@ class SmtpSender(_Counters):
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
         with self._lock:
+            mine = conn in self._all
             self._all.discard(conn)
         if lost:
             self.reconnected()
         conn.close()  # QUIT first if the connection is still usable
+        if mine:
+            self.pool.released(conn.relay)
+
+    def _open(self, f: Failover) -> SyncConnection | SendResult:
+        """A new connection for this thread, on the relay the pool chooses, failing over."""
+        while True:
+            a = self.pool.pick(f, wait=self.smtp.timeout)
+            if isinstance(a, SendResult):
+                return a
+            assert a is not None  # with `wait`, pick never answers None
+            r = a.relay
+            try:
+                conn = SyncConnection.open(r.smtp, ehlo=self._ehlo, context=r.context,
+                                           password=r.password)
+            except CONNECT_ERRORS as exc:
+                f.last = self.pool.failed(a, exc)
+                f.tried.append(r)
+                continue
+            except BaseException:
+                self.pool.released(r)
+                raise
+            self.pool.connected(a)
+            self.opened()
+            conn.relay = r
+            self._local.conn = conn
+            with self._lock:
+                self._all.add(conn)
+            return conn
 
     def send(self, message: Message) -> SendResult:
         env = self._envelope(message)
         return env if isinstance(env, SendResult) else self.send_envelope(env)
 
     def send_envelope(self, env: Envelope) -> SendResult:
+        f = Failover()
         retried = False
         while True:
             conn: SyncConnection | None = getattr(self._local, "conn", None)
@@ -213,15 +166,15 @@ class SmtpSender(_Counters):
                 self._drop(conn, lost=False)
                 conn = None
             if conn is None:
-                try:
-                    conn = SyncConnection.open(self.smtp, ehlo=self._ehlo, context=self._ctx,
-                                               password=self._password)
-                except CONNECT_ERRORS as exc:
-                    return connect_result(exc)
-                self.opened()
-                self._local.conn = conn
-                with self._lock:
-                    self._all.add(conn)
+                opened = self._open(f)
+                if isinstance(opened, SendResult):
+                    return opened
+                conn = opened
+            relay: RelayState = conn.relay
+            if relay.limiter is not None:  # this relay's rate: a slot of its schedule first
+                relay.limiter.wait()
+                if relay.limiter.cancelled:
+                    return ABANDONED
             reused = conn.session.sent > 0
             try:
                 result = conn.send(env)
@@ -230,7 +183,10 @@ class SmtpSender(_Counters):
                 if lost.retry_safe and reused and not retried:
                     retried = True  # not delivered: once more, at once, on a new connection
                     continue
-                return connection_result(lost.cause, "connection lost")
+                failure = connection_result(lost.cause, "connection lost")
+                if lost.retry_safe and not reused and self._broke_fresh(f, relay, failure):
+                    continue
+                return failure
             if not conn.usable:  # 421: the server is closing the channel
                 self._drop(conn, lost=True)
             return result
@@ -246,15 +202,17 @@ class AsyncSmtpSender(_Counters):
     """For `--mode async`: the engine's coroutines share a pool of connections. A coroutine takes
     an idle one (or opens one), sends, and the connection is back in the pool as soon as its
     data is written, so the next message's commands follow it in the same flight. At most
-    `max_connections` are open (None: one per concurrent send at most)."""
+    `max_connections` are open, all relays together (None: one per concurrent send at most),
+    and at most each relay's own `max_connections` to it."""
 
     def __init__(self, smtp: SmtpConfig, composer: Composer, *, password: str | None = None,
-                 local_hostname: str | None = None, max_connections: int | None = None) -> None:
-        super().__init__(smtp, composer, password=password, local_hostname=local_hostname)
+                 local_hostname: str | None = None, max_connections: int | None = None,
+                 limiters: Mapping[str, Limiter] | None = None, pool: RelayPool | None = None) -> None:
+        super().__init__(smtp, composer, password=password, local_hostname=local_hostname,
+                         limiters=limiters, pool=pool, max_connections=max_connections)
         self.max_connections = max_connections
         self._idle: list[AsyncConnection] = []
-        self._live = 0  # open or opening
-        self._wanted: deque[asyncio.Future[None]] = deque()  # waiting for a connection (at the cap)
+        self._wanted: deque[asyncio.Future[None]] = deque()  # waiting for a connection (at a cap)
 
     def _wake(self) -> None:
         while self._wanted:
@@ -277,47 +235,63 @@ class AsyncSmtpSender(_Counters):
         if conn.ended:
             return False
         conn.ended = True
-        self._live -= 1
+        self.pool.released(conn.relay)
         if lost:
             self.reconnected()
             conn.abort()
         self._wake()
         return True
 
-    async def _acquire(self, fresh: bool) -> AsyncConnection:
+    async def _acquire(self, fresh: bool, f: Failover) -> AsyncConnection | SendResult:
         while True:
             while self._idle and not fresh:
                 conn = self._idle.pop()
                 if conn.usable:
                     return conn
                 self._end(conn, lost=True)  # died while idle
-            if self.max_connections is None or self._live < self.max_connections:
-                break
-            fut = asyncio.get_running_loop().create_future()
-            self._wanted.append(fut)
-            await fut
-        self._live += 1
-        try:
-            conn = await AsyncConnection.open(self.smtp, ehlo=self._ehlo, context=self._ctx,
-                                              password=self._password, on_free=self._free)
-        except BaseException:
-            self._live -= 1
-            self._wake()
-            raise
-        self.opened()
-        return conn
+            a = self.pool.pick(f)
+            if a is None:  # at a cap: wait for a connection to be free or closed
+                fut = asyncio.get_running_loop().create_future()
+                self._wanted.append(fut)
+                await fut
+                continue
+            if isinstance(a, SendResult):
+                return a
+            r = a.relay
+            try:
+                conn = await AsyncConnection.open(r.smtp, ehlo=self._ehlo, context=r.context,
+                                                  password=r.password, on_free=self._free)
+            except CONNECT_ERRORS as exc:
+                f.last = self.pool.failed(a, exc)
+                f.tried.append(r)
+                self._wake()
+                continue
+            except BaseException:
+                self.pool.released(r)
+                self._wake()
+                raise
+            self.pool.connected(a)
+            self.opened()
+            conn.relay = r
+            return conn
 
     async def asend(self, message: Message) -> SendResult:
         env = self._envelope(message)
         return env if isinstance(env, SendResult) else await self.asend_envelope(env)
 
     async def asend_envelope(self, env: Envelope) -> SendResult:
+        f = Failover()
         retried = False
         while True:
-            try:
-                conn = await self._acquire(retried)
-            except CONNECT_ERRORS as exc:
-                return connect_result(exc)
+            conn = await self._acquire(retried, f)
+            if isinstance(conn, SendResult):
+                return conn
+            relay: RelayState = conn.relay
+            if relay.limiter is not None:  # this relay's rate: a slot of its schedule first
+                await relay.limiter.await_turn()
+                if relay.limiter.cancelled:
+                    self._free(conn)
+                    return ABANDONED
             reused = conn.session.sent > 0
             try:
                 result = await conn.send(env)
@@ -326,7 +300,10 @@ class AsyncSmtpSender(_Counters):
                 if lost.retry_safe and reused and not retried:
                     retried = True  # not delivered: once more, at once, on a new connection
                     continue
-                return connection_result(lost.cause, "connection lost")
+                failure = connection_result(lost.cause, "connection lost")
+                if lost.retry_safe and not reused and self._broke_fresh(f, relay, failure):
+                    continue
+                return failure
             if not conn.usable:  # 421: the server is closing the channel
                 self._end(conn, lost=True)
             elif conn.retiring and self._end(conn, lost=False):
@@ -364,23 +341,13 @@ class AsyncSmtpSender(_Counters):
                 pass
 
 
-def preflight(smtp: SmtpConfig) -> None:
-    """Driver-side checks before Ray starts (the actors read the password themselves)."""
-    if smtp.user and not os.environ.get(smtp.password_env):
-        raise UsageError(f"--smtp-user {smtp.user}: set the password in ${smtp.password_env} "
-                         "(it is never taken from a flag)")
-    if smtp.ca_file and not os.path.isfile(smtp.ca_file):
-        raise UsageError(f"--smtp-ca-file {smtp.ca_file}: no such file")
-    if smtp.tls == "none" and smtp.user:
-        raise UsageError("--smtp-user with --smtp-tls none would send the password in clear "
-                         "text; use --smtp-tls starttls or ssl")
-
-
-def make_smtp_sender(config: SendConfig, *, campaign: str) -> SmtpSender | AsyncSmtpSender:
-    """Called inside each sender actor: reads the templates and the password there."""
+def make_smtp_sender(config: SendConfig, *, campaign: str,
+                     limiters: Mapping[str, Limiter] | None = None) -> SmtpSender | AsyncSmtpSender:
+    """Called inside each sender actor: reads the templates and the passwords there. `limiters`:
+    the actor's client of each rated relay's schedule, by relay name."""
     smtp = config.smtp
-    password = os.environ.get(smtp.password_env) if smtp.user else None
     composer = Composer(config.message, campaign=campaign)
     if config.mode == "async":
-        return AsyncSmtpSender(smtp, composer, password=password)
-    return SmtpSender(smtp, composer, password=password)
+        return AsyncSmtpSender(smtp, composer, max_connections=smtp.max_connections,
+                               limiters=limiters)
+    return SmtpSender(smtp, composer, limiters=limiters)

@@ -9,7 +9,7 @@ import threading
 import time
 
 from ..messages import Message
-from .base import Sender, SendResult
+from .base import ABANDONED, Sender, SendResult
 from .engine import Engine, _Job
 
 
@@ -62,6 +62,9 @@ class ThreadEngine(Engine):
                     continue
             t0 = time.time()
             result = _call(sender, job.message)
+            if result is ABANDONED:  # the sender was cancelled by a stop before sending
+                self._abandon(job)
+                continue
             t1 = time.time()
             delay = self._settle(job, result, t0, t1)
             if delay is not None:

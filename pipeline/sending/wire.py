@@ -1,5 +1,5 @@
 """A lean SMTP client: a sans-IO core (`Session`, `ReplyParser`) and the asyncio driver
-`AsyncConnection` (the blocking driver, `SyncConnection`, sits beside its sender in smtp.py). A
+`AsyncConnection` (the blocking driver, `SyncConnection`, is in blocking.py). A
 handshake or a transaction is a generator yielding steps `(bytes to write, replies to read)`; a
 driver only writes, reads and upgrades to TLS, so both run the same protocol code.
 
@@ -229,6 +229,8 @@ class Session:
 
 
 class BaseConnection:  # what both drivers keep
+    relay: Any = None  # the sender's note of the relay it goes to (relays.RelayState)
+
     def __init__(self, smtp: SmtpConfig, ctx: ssl.SSLContext | None) -> None:
         self.smtp, self._ctx = smtp, ctx
         self.session, self.parser = Session(), ReplyParser()
