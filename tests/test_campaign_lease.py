@@ -118,7 +118,7 @@ def test_dead_holder_on_this_host_is_taken_over_at_once(tmp_path: Path) -> None:
 
 
 def test_paused_holder_whose_lease_was_taken_stops_and_exits_nonzero(tmp_path: Path) -> None:
-    rows, ttl = 6000, 4.0
+    rows, ttl = 3000, 4.0
     proc, log, args = launch(tmp_path, rows, "--lease-ttl", str(ttl))
     wait_for_sends(log, 500, proc)
     run_dir = str(tmp_path / "runs/c")
@@ -146,9 +146,9 @@ def test_paused_holder_whose_lease_was_taken_stops_and_exits_nonzero(tmp_path: P
 def test_sigint_at_full_concurrency_exits_in_seconds_and_resumes_once(tmp_path: Path) -> None:
     # The card's shape (8 actors × 100 threads) at a fifth of the default latency; at 0.5 s the
     # same logic exits within 5 s (README).
-    rows, actors, threads, latency = 60_000, 8, 100, 0.1
+    rows, actors, threads, latency = 30_000, 8, 100, 0.1
     proc, log, args = launch(tmp_path, rows, actors=actors, threads=threads, latency=latency)
-    wait_for_sends(log, 5000, proc, timeout=180)
+    wait_for_sends(log, 3000, proc, timeout=180)
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

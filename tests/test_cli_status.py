@@ -61,7 +61,7 @@ def test_finished_campaign_status_and_export(tmp_path: Path) -> None:
 
 
 def test_status_while_running_only_grows_and_ends_equal_to_the_ledger(tmp_path: Path) -> None:
-    rows = 4000
+    rows = 2500
     proc, log, _ = launch(tmp_path, rows, latency=0.05)
     wait_for_sends(log, 200, proc)
     seen = []
