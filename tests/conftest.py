@@ -119,3 +119,19 @@ def s3(moto_server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> Iterat
     client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=S3_BUCKET)
     yield client
+
+
+def run_then_stop(engine: Any, messages: list[Any], *, after: float = 1.2) -> Any:
+    """Run `messages` through `engine` on a thread, stop the engine `after` seconds in, and
+    return the batch's counts; the stop must take effect within 2 s."""
+    import threading
+    import time
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(engine.run(messages)))
+    t.start()
+    time.sleep(after)
+    t0 = time.time()
+    engine.stop()
+    t.join(timeout=5)
+    assert not t.is_alive() and time.time() - t0 < 2
+    return result[0]

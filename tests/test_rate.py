@@ -22,7 +22,7 @@ from pipeline.sending.fake import FakeSender
 from pipeline.sending.ratelimit import SlotLimiter, SlotSchedule, estimate_offset
 from pipeline.sending.threads import ThreadEngine
 
-from .conftest import campaign, read_ledger, write_recipients
+from .conftest import campaign, read_ledger, run_then_stop, write_recipients
 
 
 def test_schedule_grants_each_slot_once_spaced_and_ahead() -> None:
@@ -160,15 +160,7 @@ def test_stop_abandons_messages_waiting_for_a_slot_instead_of_sending_them(
     engine = engine_cls(sender, concurrency=20, retry=RetryPolicy(), ledger=writer,  # type: ignore[arg-type]
                         limiter=limiter)
     messages = [Message(i, f"u{i}@example.com", f"<{i}@x>", {}) for i in range(20)]
-    result: list[object] = []
-    t = threading.Thread(target=lambda: result.append(engine.run(messages)))
-    t.start()
-    time.sleep(1.2)
-    t0 = time.time()
-    engine.stop()
-    t.join(timeout=5)
-    assert not t.is_alive() and time.time() - t0 < 2
-    counts = result[0]
+    counts = run_then_stop(engine, messages)
     sent = log.read_text().split() if log.exists() else []
     assert counts.sent == len(sent) <= 4  # only the slots that came due before the stop
     assert counts.sent + counts.abandoned == 20

@@ -41,7 +41,7 @@ from pipeline.sending.relays import Attempt, Failover, RelayPool, preflight
 from pipeline.sending.smtp import AsyncSmtpSender, SmtpSender
 from pipeline.sending.threads import ThreadEngine
 
-from .conftest import campaign, cli, read_ledger, write_recipients
+from .conftest import campaign, cli, read_ledger, run_then_stop, write_recipients
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 FROM = "News <news@bulkmail.example>"
@@ -307,15 +307,7 @@ def test_a_stop_abandons_sends_waiting_for_a_relay_slot(mode: str, smtp_sinks: A
     engine: Any = (ThreadEngine(SmtpSender(smtp, COMPOSER, limiters=limiters), **common)
                    if mode == "threads" else
                    AsyncEngine(AsyncSmtpSender(smtp, COMPOSER, limiters=limiters), **common))
-    result: list[Any] = []
-    t = threading.Thread(target=lambda: result.append(engine.run([msg(i) for i in range(20)])))
-    t.start()
-    time.sleep(1.2)
-    t0 = time.time()
-    engine.stop()
-    t.join(timeout=5)
-    assert not t.is_alive() and time.time() - t0 < 2
-    counts = result[0]
+    counts = run_then_stop(engine, [msg(i) for i in range(20)])
     assert counts.sent == len(sink.recipients()) <= 4  # only the slots due before the stop
     assert counts.sent + counts.abandoned == 20 and counts.failed == 0  # abandoned: not failed
     engine.close()
