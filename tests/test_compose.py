@@ -14,6 +14,7 @@ from __future__ import annotations
 import email.policy
 import re
 from email.charset import QP, Charset
+from email.errors import HeaderParseError
 from email.header import Header, decode_header
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -28,7 +29,7 @@ from typing import Any, cast
 from urllib.parse import quote
 
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import compose
@@ -237,6 +238,9 @@ UNSAFE = st.sampled_from(BREAKS) | st.characters(whitelist_categories=("Cc", "Zl
 @given(name=header_text(), subject=header_text(), text=body_text(),
        html=st.none() | body_text(), to=st.sampled_from(ADDRESSES), u=URL_TEXT,
        url=st.sampled_from(sorted(URLS)))
+# Names the email package's own parser crashes on before a UTF-8 address (found in CI-like runs).
+@example(name="." * 100, subject="", text="", html=None, to="ñandú@example.com", u="", url="https")
+@example(name=":" * 100, subject="", text="", html=None, to="ñandú@example.com", u="", url="https")
 def test_reads_back_as_intended_and_as_the_email_package(
         name: str, subject: str, text: str, html: str | None, to: str, u: str, url: str) -> None:
     c = COMPOSERS[(html is not None, url)]
@@ -256,7 +260,10 @@ def test_reads_back_as_intended_and_as_the_email_package(
     assert got == want
     try:
         ref = read(reference({**want, "text": text, "html": html}, env.smtputf8), env.smtputf8)
-    except RecursionError:  # e.g. 400 raw "(" in a name: nested comments for the parser
+    except (RecursionError, HeaderParseError, TypeError, IndexError):
+        # The email package cannot read what it wrote itself: 400 raw "(" in a name (nested
+        # comments), or 100 "." or ":" before a UTF-8 address (its header parser crashes inside
+        # _header_value_parser). Our own message was already read back above.
         event("reference unreadable")
         return
     for key, value in want.items():
