@@ -19,6 +19,7 @@ import ray
 
 from . import ledger, messages
 from .config import SendConfig
+from .partitions import PART
 from .sending import AsyncSender, Sender, make_sender, ratelimit
 from .sending.aio import AsyncEngine
 from .sending.engine import BatchCounts, Engine
@@ -208,15 +209,25 @@ class SendBatches:
             ray.get(self.coordinator.end_batch.remote())
 
     def _send(self, batch: pa.Table, *, attempt: int) -> pa.Table:
+        ids = batch.column("id").to_pylist()
+        parts = (batch.column(PART).to_pylist() if PART in batch.column_names
+                 else [0] * len(ids))
         skip: set[int] = set()
         if attempt > 1:
             # What the dead worker recorded before dying is not sent again.
-            skip = ledger.recorded_ids(self.run_dir, batch.column("id").to_pylist())
-        if attempt > self.config.max_batch_attempts:
-            return self._give_up(batch, skip, attempt)
-        counts = self._run(messages.from_batch(batch, campaign=self.campaign, domain=self.domain,
-                                               fields=self.fields, skip=skip))
-        self.ledger.flush()  # durable before Ray Data (or a stopping driver) counts it done
+            skip = ledger.recorded_ids(self.run_dir, ids, parts)
+        self.ledger.assign(ids, parts)  # each row's ledger partition
+        try:
+            if attempt > self.config.max_batch_attempts:
+                return self._give_up(batch, skip, attempt)
+            counts = self._run(messages.from_batch(batch, campaign=self.campaign,
+                                                   domain=self.domain, fields=self.fields,
+                                                   skip=skip))
+        finally:
+            try:
+                self.ledger.flush()  # durable before Ray Data (or a stopping driver) counts it done
+            finally:
+                self.ledger.release(ids)  # only once its rows are written under their partition
         return _summary(batch.num_rows, counts, skipped=len(skip), crashed=int(attempt > 1))
 
     def _run(self, batch: list[messages.Message]) -> BatchCounts:

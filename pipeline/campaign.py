@@ -1,23 +1,23 @@
 """One function that runs a campaign, top to bottom as the data flows:
-plan → lease → load → send → ledger → report.
+plan → lease → Ray → load (on the cluster) → send → ledger (folded per partition) → report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
-import polars as pl
-
-# Ray is imported only where a run needs it (send_stage.py): the CLI turns every file, column
-# and flag error into one line before that, about 0.5 s sooner.
-from . import ledger, recipients, report, send_stage, storage
+# Ray is imported only where a run needs it (the *_stage modules, ray_session): the CLI turns
+# every flag, file and column error into one line before that, about 0.5 s sooner.
+from . import ledger, partitions, ray_session, recipients, report, send_stage, storage
 from .config import CampaignConfig, SendConfig
-from .errors import CampaignInterrupted
+from .errors import CampaignInterrupted, UsageError
 from .hooks import Hooks, Stages
 from .lease import Lease, LeaseLost
 from .plan import Plan, plan
@@ -28,86 +28,99 @@ def run_campaign(config: CampaignConfig, *,
                  hooks: Hooks | None = None) -> report.Report | report.DryRunReport:
     """Send the campaign `config` describes; return its report.
 
-    Raises UsageError for user mistakes and for a campaign another run holds (before Ray
-    starts), CampaignInterrupted after a requested stop (the ledger is flushed and the campaign
-    can be resumed), and lease.LeaseLost when another run took the campaign over mid-run.
+    Raises UsageError for user mistakes and for a campaign another run holds (flags, files,
+    columns and the lease before Ray starts; unreadable data pages and unusable ids once the
+    load's tasks have read every row, before anything is written or sent),
+    CampaignInterrupted after a requested stop (the ledger is flushed and the campaign can be
+    resumed), and lease.LeaseLost when another run took the campaign over mid-run.
     """
     hooks = hooks or Hooks()
     stages = Stages()
     started_at = time.time()
 
-    with stages.time("load"):
+    with stages.time("plan"):
         p = plan(config, hooks=hooks)
-        send_stage.prefetch_imports(config)  # flags and files are checked: import Ray while polars loads
+        send_stage.prefetch_imports(config)  # flags and files are checked: import Ray meanwhile
         send = with_bodies(p.send)  # actors get the template text, not a path to read
         fields = ("name",) + tuple(sorted(header_fields(send.message) - {"name"}))
-        loaded = recipients.load(p.lazy, suppression=p.suppression, header_fields=fields,
-                                 source=p.input)
-        if config.dry_run:  # renders only: no lease; the ledger is only read, never written
-            return _dry_run(config, p, send, loaded, stages, hooks)
-        # Held from before the ledger is read until the last ledger write: no second run of
-        # this campaign reads a ledger this one is still adding to.
-        lease = Lease.acquire(p.run_dir, run_id=p.run_id, ttl=config.lease_ttl)
+        units = recipients.units(p.input)
+        rules = partitions.Rules(schema=partitions.user_schema(p.lazy.collect_schema()),
+                                 header_fields=fields,
+                                 partitions=_partitions(config, p, sum(u.rows for u in units)))
+    if config.dry_run:  # renders only: no lease; the ledger is only read, never written
+        return _dry_run(config, p, send, units, rules, stages, hooks)
+    # Held from before the ledger is read until the last ledger write: no second run of this
+    # campaign reads a ledger this one is still adding to. Taken before Ray starts, so a
+    # campaign already running is one line and exit 2 within a second.
+    fresh = not storage.exists(p.run_dir)
+    lease = Lease.acquire(p.run_dir, run_id=p.run_id, ttl=config.lease_ttl)
+    discard = False
     try:
-        return _run(config, p, send, loaded, lease, hooks, stages, started_at)
+        return _run(config, p, send, units, rules, lease, hooks, stages, started_at)
+    except UsageError:
+        # Found by the load's tasks (a broken data page, repeated ids): nothing was sent or
+        # recorded. A campaign this run created leaves nothing behind (its lease, Ray's log).
+        discard = fresh
+        raise
     finally:
         lease.release()
+        if discard:
+            storage.delete_dir(p.run_dir)
 
 
-def _run(config: CampaignConfig, p: Plan, send: SendConfig, loaded: recipients.Loaded,
-         lease: Lease, hooks: Hooks, stages: Stages, started_at: float) -> report.Report:
+def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipients.Unit],
+         rules: partitions.Rules, lease: Lease, hooks: Hooks, stages: Stages,
+         started_at: float) -> report.Report:
     lost = threading.Event()
     lease.start_heartbeat(on_lost=lambda exc: lost.set())
-    with stages.time("load"):
-        done = None if config.restart else ledger.done_ids(p.run_dir, retry_failed=config.retry_failed)
-        loaded = recipients.skip_done(loaded, done)
-
-    if config.restart:  # only now that the input has loaded cleanly: a bad input keeps the old ledger
-        ledger.reset(p.run_dir)
-    storage.makedirs(p.run_dir)
-    ledger.write_frame(p.run_dir, loaded.settled.with_columns(
-        run=pl.lit(p.run_id), epoch=pl.lit(lease.epoch, pl.Int64)), name=f"load-{p.run_id}")
-    manifest = {"campaign": p.campaign, "input": p.input, "input_rows": loaded.input_rows,
-                "to_send": loaded.to_send.height, "already_done": loaded.already_done,
-                "run_id": p.run_id, "started_at": started_at, "finished_at": None,
-                "state": "running"}
-    _write_manifest(p.run_dir, manifest)
-    if loaded.already_done:
-        hooks.info(f"resuming campaign {p.campaign}: {loaded.already_done:,} recipients already "
-                   "done are skipped")
-    hooks.info(f"{p.campaign}: sending {loaded.to_send.height:,} of {loaded.input_rows:,} rows · "
-               f"{_shape(config)} · {p.run_dir}")
-
-    outcome = None
     log_file = _log_file(p) if hooks.before_ray and not config.verbose else None
-    if loaded.to_send.height:
-        if log_file and hooks.before_ray:
-            hooks.before_ray(log_file)
-        job = send_stage.SendJob(campaign=p.campaign, run_dir=p.run_dir, run_id=p.run_id,
-                      epoch=lease.epoch, send=send, fields=loaded.fields)
-        outcome = send_stage.send(loaded.to_send, job, config=config, hooks=hooks, stages=stages,
-                             lease=_LeaseView(lease, lost))
-    lease_lost = lost.is_set() or (outcome is not None and outcome.lease_lost)
+    if log_file and hooks.before_ray:
+        hooks.before_ray(log_file)
+    from . import ledger_stage, load_stage
+    with _ray(config, send, hooks, stages):
+        with stages.time("load"):
+            loaded = load_stage.load(units, rules=rules, source=p.input,
+                                     suppression=p.suppression,
+                                     resume_from=None if config.restart else p.run_dir,
+                                     retry_failed=config.retry_failed)
+            if config.restart:  # only now that the input has loaded cleanly
+                ledger.reset(p.run_dir)
+            storage.makedirs(p.run_dir)
+            load_stage.write_settled(loaded, run_dir=p.run_dir, run_id=p.run_id, epoch=lease.epoch)
+        summary = loaded.summary
+        manifest = {"campaign": p.campaign, "input": p.input, "input_rows": summary.input_rows,
+                    "to_send": summary.to_send, "already_done": summary.already_done,
+                    "partitions": rules.partitions, "run_id": p.run_id,
+                    "started_at": started_at, "finished_at": None, "state": "running"}
+        _write_manifest(p.run_dir, manifest)
+        if summary.already_done:
+            hooks.info(f"resuming campaign {p.campaign}: {summary.already_done:,} recipients "
+                       "already done are skipped")
+        hooks.info(f"{p.campaign}: sending {summary.to_send:,} of {summary.input_rows:,} rows · "
+                   f"{_shape(config)} · {p.run_dir}")
 
-    with stages.time("ledger"):
-        if lease_lost:  # the taker owns ledger.parquet now: read, never fold
-            journal = ledger.read_journal(p.run_dir)
-            full = ledger.latest(journal)
-        else:
-            full, journal = ledger.consolidate_with_journal(p.run_dir)
-        this_run = journal.filter(pl.col("run") == p.run_id)
+        outcome = None
+        if summary.to_send:
+            job = send_stage.SendJob(campaign=p.campaign, run_dir=p.run_dir, run_id=p.run_id,
+                                     epoch=lease.epoch, send=send, fields=summary.fields)
+            outcome = send_stage.send(loaded, job, config=config, hooks=hooks, stages=stages,
+                                      lease=_LeaseView(lease, lost))
+        lease_lost = lost.is_set() or (outcome is not None and outcome.lease_lost)
+        with stages.time("ledger"):
+            # A run that lost its lease reads, never folds: the taker owns the ledger now.
+            totals = ledger_stage.fold(p.run_dir, run_id=p.run_id, write=not lease_lost)
 
     with stages.time("report"):
         rep = report.build(
             campaign=p.campaign, run_id=p.run_id, run_dir=p.run_dir, input=p.input, send=send,
-            batch_size=outcome.batch_size if outcome else 0, loaded=loaded, this_run=this_run,
-            ledger=full, stages=stages.seconds, started_at=started_at,
+            batch_size=outcome.batch_size if outcome else 0, loaded=summary, tally=totals,
+            stages=stages.seconds, started_at=started_at,
             ray_stats=outcome.ray_stats if outcome else (),
             crashed_batches=outcome.totals.crashed if outcome else 0,
             interrupted=bool(outcome and outcome.interrupted), lease_lost=lease_lost,
-            log_file=log_file if outcome else None)
+            log_file=log_file)
         if config.charts:
-            rep = report.with_charts(rep, this_run)
+            rep = report.with_charts(rep, totals)
     # Set after the stage closes so that the report holds its own stage's time too.
     rep = report.finish(rep, stages.seconds, started_at)
     if lease_lost:
@@ -120,6 +133,35 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, loaded: recipients.L
     if rep.interrupted:
         raise CampaignInterrupted(f"campaign {p.campaign} stopped before the end", report=rep)
     return rep
+
+
+@contextlib.contextmanager
+def _ray(config: CampaignConfig, send: SendConfig, hooks: Hooks, stages: Stages) -> Iterator[None]:
+    """Ray for the run: started (or joined) before the load, stopped after the ledger's fold."""
+    with stages.time("ray_start"):
+        session = ray_session.start(config, send, verbose=config.verbose)
+    access = ray_session.dashboard_access(session)
+    if access:
+        hooks.info(access)
+    try:
+        yield
+    finally:
+        with stages.time("ray_stop"):
+            session.stop()
+
+
+def _partitions(config: CampaignConfig, p: Plan, rows: int) -> int:
+    """The campaign's number of address partitions: kept from its first run (the ledger is
+    laid out by them), chosen from the input's size for a new campaign or a restart."""
+    path = storage.join(p.run_dir, "campaign.json")
+    if not config.restart and storage.exists(path):
+        try:
+            kept = json.loads(storage.read_text(path)).get("partitions")
+        except (OSError, ValueError):
+            kept = None
+        if isinstance(kept, int) and kept > 0:
+            return kept
+    return partitions.partitions_for(rows)
 
 
 class _LeaseView:
@@ -138,15 +180,19 @@ class _LeaseView:
         return self._lost.is_set()
 
 
-def _dry_run(config: CampaignConfig, p: Plan, send: SendConfig, loaded: recipients.Loaded,
-             stages: Stages, hooks: Hooks) -> report.DryRunReport:
+def _dry_run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipients.Unit],
+             rules: partitions.Rules, stages: Stages, hooks: Hooks) -> report.DryRunReport:
+    from . import load_stage
     from .dryrun import write_dry_run
-    done = None if config.restart else ledger.done_ids(p.run_dir, retry_failed=config.retry_failed)
-    loaded = recipients.skip_done(loaded, done)
+    with _ray(config, send, hooks, stages), stages.time("load"):
+        loaded = load_stage.load(units, rules=rules, source=p.input, suppression=p.suppression,
+                                 resume_from=None if config.restart else p.run_dir,
+                                 retry_failed=config.retry_failed)
+        head = load_stage.take(loaded, config.dry_run or 0)
     with stages.time("render"):
-        written = write_dry_run(loaded.to_send.head(config.dry_run or 0), p.run_dir, p.campaign, send)
+        written = write_dry_run(head, p.run_dir, p.campaign, send)
     hooks.info(f"dry run: wrote {written} .eml files under {storage.join(p.run_dir, 'dry-run')}")
-    return report.build_dry_run(campaign=p.campaign, run_dir=p.run_dir, loaded=loaded,
+    return report.build_dry_run(campaign=p.campaign, run_dir=p.run_dir, loaded=loaded.summary,
                                 stages=stages.seconds, written=written)
 
 

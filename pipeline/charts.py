@@ -6,8 +6,8 @@
 - latency.png: the distribution of send latencies;
 - stages.png: wall time per stage.
 
-Everything is aggregated in polars first (per-second counts, a histogram, in-flight counts at
-a few hundred instants), so a 1M-row ledger is drawn in well under a second. matplotlib is
+Everything is drawn from the run's merged tally (tally.py: per-second counts, started and
+finished per 1/20 s, a latency histogram), never from the ledger's rows. matplotlib is
 used through its object API with the Agg canvas: no pyplot, no global backend, safe in any
 thread. A chart that fails is listed in the report (`chart_errors`), never fails the run.
 """
@@ -15,18 +15,14 @@ thread. A chart that fails is listed in the report (`chart_errors`), never fails
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from . import storage
-
-# Samples across the send window for the in-flight curve: enough to show a dip at batch
-# boundaries (a few hundred ms at 0.5 s latency) on a run of minutes.
-IN_FLIGHT_SAMPLES = 600
-LATENCY_BINS = 60
+from .tally import EVENT_STEP, LATENCY_GROWTH, Tally
 
 
 def _figure(title: str) -> Any:
@@ -47,32 +43,21 @@ def _save(fig: Any, run_dir: str, name: str) -> str:
     return name
 
 
-def attempt_windows(rows: pl.DataFrame) -> pl.DataFrame:
-    """(start, end) epoch seconds of each recorded send. The ledger keeps the first start and
-    the last finish of a recipient; for a retried one the last attempt is
-    (finished_at - latency_s, finished_at), and the backoff before it held no slot."""
-    tried = rows.filter(pl.col("finished_at").is_not_null() & pl.col("started_at").is_not_null())
-    end = pl.col("finished_at").dt.epoch("us").cast(pl.Float64) / 1e6
-    start = pl.when((pl.col("attempts") > 1) & pl.col("latency_s").is_not_null()) \
-        .then(end - pl.col("latency_s")) \
-        .otherwise(pl.col("started_at").dt.epoch("us").cast(pl.Float64) / 1e6)
-    return tried.select(start.alias("start"), end.alias("end"), pl.col("status"))
-
-
-def throughput(rep: dict[str, Any], windows: pl.DataFrame, run_dir: str, t0: float) -> str | None:
-    if windows.height == 0:
+def throughput(rep: dict[str, Any], t: Tally, run_dir: str, t0: float) -> str | None:
+    if not t.per_second:
         return None
-    per_s = (windows.with_columns(((pl.col("end") - t0).floor()).cast(pl.Int64).alias("s"))
-             .group_by("s", "status").len()
-             .pivot(on="status", index="s", values="len").fill_null(0).sort("s"))
-    seconds = np.arange(0, int(per_s["s"].to_numpy().max()) + 1)
+    first = int(math.floor(t0))
+    last = max(t.per_second)
+    seconds = np.arange(0, last - first + 1)
     fig, ax = _figure("Emails completed per second")
     edges = np.arange(0, len(seconds) + 1)
     bottom = np.zeros(len(seconds))
-    for status, colour in (("sent", "tab:green"), ("failed", "tab:red")):
-        if status in per_s.columns:
-            counts = np.zeros(len(seconds))
-            counts[per_s["s"].to_numpy()] = per_s[status].to_numpy()
+    for index, (status, colour) in enumerate((("sent", "tab:green"), ("failed", "tab:red"))):
+        counts = np.zeros(len(seconds))
+        for s, pair in t.per_second.items():
+            if s >= first:
+                counts[s - first] += pair[index]
+        if counts.any():
             # stairs, not bar: one artist however long the run (bar draws one per second).
             ax.stairs(bottom + counts, edges, baseline=bottom.copy(), fill=True, color=colour,
                       label=status)
@@ -91,23 +76,28 @@ def throughput(rep: dict[str, Any], windows: pl.DataFrame, run_dir: str, t0: flo
     return _save(fig, run_dir, "throughput.png")
 
 
-def in_flight_levels(windows: pl.DataFrame, t0: float,
-                     samples: int = IN_FLIGHT_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
-    """Sends under way at `samples` instants from t0 to the last finish: those started at or
-    before the instant and not yet finished."""
-    starts = np.sort(windows["start"].to_numpy()) - t0
-    ends = np.sort(windows["end"].to_numpy()) - t0
-    t = np.linspace(0.0, float(ends[-1]), samples)
-    level = np.searchsorted(starts, t, side="right") - np.searchsorted(ends, t, side="right")
-    return t, level
+def in_flight_levels(t: Tally, t0: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sends under way at the end of each EVENT_STEP bucket from t0 to the last finish: those
+    started by then and not yet finished."""
+    lo = min(t.starts)
+    hi = max(max(t.ends), max(t.starts))
+    starts = np.zeros(hi - lo + 1)
+    ends = np.zeros(hi - lo + 1)
+    for k, n in t.starts.items():
+        starts[k - lo] += n
+    for k, n in t.ends.items():
+        ends[k - lo] += n
+    level = np.cumsum(starts) - np.cumsum(ends)
+    times = (np.arange(lo, hi + 1) + 1) * EVENT_STEP - t0
+    return times, level
 
 
-def in_flight(rep: dict[str, Any], windows: pl.DataFrame, run_dir: str, t0: float) -> str | None:
-    if windows.height == 0:
+def in_flight(rep: dict[str, Any], t: Tally, run_dir: str, t0: float) -> str | None:
+    if not t.starts:
         return None
-    t, level = in_flight_levels(windows, t0)
+    times, level = in_flight_levels(t, t0)
     fig, ax = _figure("Sends in flight")
-    ax.plot(t, level, color="tab:blue", linewidth=1.2, label="in flight")
+    ax.plot(times, level, color="tab:blue", linewidth=1.2, label="in flight")
     conc = rep.get("config", {}).get("total_concurrency")
     if conc:
         ax.axhline(conc, color="black", linestyle="--", linewidth=1,
@@ -119,25 +109,21 @@ def in_flight(rep: dict[str, Any], windows: pl.DataFrame, run_dir: str, t0: floa
     return _save(fig, run_dir, "in_flight.png")
 
 
-def latency(rep: dict[str, Any], rows: pl.DataFrame, run_dir: str) -> str | None:
-    lat = rows.get_column("latency_s").drop_nulls()
-    if lat.len() == 0:
+def latency(rep: dict[str, Any], t: Tally, run_dir: str) -> str | None:
+    if not t.latency:
         return None
-    lo, hi = float(lat.min()), float(lat.max())  # type: ignore[arg-type]
-    if hi <= lo:
-        hi = lo + 1e-3
-    hist = lat.hist(bins=list(np.linspace(lo, hi, LATENCY_BINS + 1)), include_breakpoint=True)
-    edges = np.concatenate([[lo], hist["breakpoint"].to_numpy()])
-    counts = hist["count"].to_numpy()
+    buckets = np.array(sorted(t.latency))
+    counts = np.array([t.latency[int(b)] for b in buckets])
+    lower = LATENCY_GROWTH ** buckets.astype(float)
     fig, ax = _figure("Send latency")
-    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="tab:purple")
+    ax.bar(lower, counts, width=lower * (LATENCY_GROWTH - 1), align="edge", color="tab:purple")
     pct = rep.get("latency_s", {})
     for q, style in (("p50", "-"), ("p99", "--")):
         if pct.get(q) is not None:
             ax.axvline(pct[q], color="black", linestyle=style, linewidth=1,
                        label=f"{q} {pct[q]:.3f} s")
     ax.set_yscale("log")
-    ax.set_xlabel("seconds per attempt")
+    ax.set_xlabel("seconds per attempt (buckets 1% wide)")
     ax.set_ylabel("emails")
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     return _save(fig, run_dir, "latency.png")
@@ -157,10 +143,10 @@ def stages(rep: dict[str, Any], run_dir: str) -> str | None:
     return _save(fig, run_dir, "stages.png")
 
 
-def write_charts(rep: dict[str, Any], this_run: pl.DataFrame,
-                 run_dir: str) -> tuple[list[str], list[str]]:
-    """Draw every chart that the run's data allows, from the report's JSON rendering; returns
-    their file names (relative to `run_dir`) and the failures, which are never raised."""
+def write_charts(rep: dict[str, Any], t: Tally, run_dir: str) -> tuple[list[str], list[str]]:
+    """Draw every chart that the run's data allows, from the report's JSON rendering and the
+    merged tally (tally.py); returns their file names (relative to `run_dir`) and the
+    failures, which are never raised."""
     written: list[str] = []
     errors: list[str] = []
 
@@ -173,17 +159,10 @@ def write_charts(rep: dict[str, Any], this_run: pl.DataFrame,
             if out:
                 written.append(out)
 
-    try:
-        # One row per recipient and run attempt as recorded (repeats included: they were sent).
-        windows = attempt_windows(this_run)
-        t0 = float(windows["start"].min()) if windows.height else 0.0  # type: ignore[arg-type]
-        rows = this_run.filter(pl.col("started_at").is_not_null())
-    except Exception as exc:  # noqa: BLE001
-        errors.append(f"ledger: {type(exc).__name__}: {exc}")
-        windows, t0, rows = pl.DataFrame(), 0.0, pl.DataFrame()
-    if windows.height:
-        attempt("throughput", lambda: throughput(rep, windows, run_dir, t0))
-        attempt("in_flight", lambda: in_flight(rep, windows, run_dir, t0))
-        attempt("latency", lambda: latency(rep, rows, run_dir))
+    if t.starts:
+        t0 = min(t.starts) * EVENT_STEP
+        attempt("throughput", lambda: throughput(rep, t, run_dir, t0))
+        attempt("in_flight", lambda: in_flight(rep, t, run_dir, t0))
+        attempt("latency", lambda: latency(rep, t, run_dir))
     attempt("stages", lambda: stages(rep, run_dir))
     return written, errors

@@ -1,14 +1,15 @@
 """The ledger: one row per recipient with its final outcome, written as Parquet while the run goes.
 
-Layout under `runs/<campaign>/`:
-- `ledger/part-*.parquet`: the journal. Each part is written atomically by the process that
+Layout under `runs/<campaign>/`, by address partition (`partitions.py`; `<p>` is 00000, 00001…):
+- `ledger/<p>/part-*.parquet`: the journal. Each part is written atomically by the process that
   produced its rows (sender actors every `flush_seconds`, and at the end of every batch; the
-  driver for rows settled at load time). A crash loses at most the unflushed results.
-- `ledger.parquet`: the consolidated ledger, one row per recipient, written at the end of a run
-  from the previous `ledger.parquet` and every part.
+  load's tasks for rows settled at load time). A crash loses at most the unflushed results.
+- `ledger.parquet/part-<p>.parquet`: the consolidated ledger of partition `<p>`, one row per
+  recipient, folded at the end of a run from the previous one and the partition's parts, by
+  one task per partition (`fold_partition`); `ledger.parquet` reads as one Parquet dataset.
 
-Reading always takes the union of both and keeps one row per id, so a crash between writing
-`ledger.parquet` and deleting the parts it absorbed loses and doubles nothing.
+Reading always takes the union of both and keeps one row per id, so a crash between writing a
+consolidated file and deleting the parts it absorbed loses and doubles nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ SCHEMA = pa.schema([
     # The campaign lease's epoch of the run that wrote the row (lease.py): a late write from a
     # run that had lost its lease carries an older epoch than the rows of the run that took over.
     ("epoch", pa.int64()),
+    # The address partition the row belongs to (its directory under ledger/).
+    ("part", pa.int32()),
 ])
 POLARS_SCHEMA = pl.Schema(pl.from_arrow(SCHEMA.empty_table()).schema)  # type: ignore[union-attr]
 
@@ -64,7 +67,50 @@ def ledger_dir(run_dir: str) -> str:
 
 
 def ledger_file(run_dir: str) -> str:
+    """The consolidated ledger: a directory of one Parquet file per partition."""
     return storage.join(run_dir, "ledger.parquet")
+
+
+def _name(part: int) -> str:
+    return f"{part:05d}"
+
+
+def partition_dir(run_dir: str, part: int) -> str:
+    return storage.join(ledger_dir(run_dir), _name(part))
+
+
+def consolidated_file(run_dir: str, part: int) -> str:
+    return storage.join(ledger_file(run_dir), f"part-{_name(part)}.parquet")
+
+
+def partition_files(run_dir: str, part: int) -> list[str]:
+    """One partition's journal parts, then its consolidated file if there is one. Parts are
+    listed first: a fold writes the consolidated file before deleting the parts it absorbed,
+    so this order never misses rows folded in between."""
+    parts = storage.list_files(partition_dir(run_dir, part), ".parquet")
+    consolidated = consolidated_file(run_dir, part)
+    return [*parts, consolidated] if storage.exists(consolidated) else parts
+
+
+def partitions_present(run_dir: str) -> list[int]:
+    """Partitions with any journal part or consolidated file."""
+    found = {int(name) for name in storage.list_dirs(ledger_dir(run_dir)) if name.isdigit()}
+    for path in storage.list_files(ledger_file(run_dir), ".parquet"):
+        stem = path.rsplit("/", 1)[-1].removesuffix(".parquet").removeprefix("part-")
+        if stem.isdigit():
+            found.add(int(stem))
+    return sorted(found)
+
+
+def journal_files(run_dir: str) -> list[str]:
+    """Every file of the ledger, all partitions (parts before consolidated files)."""
+    parts: list[str] = []
+    consolidated: list[str] = []
+    for p in partitions_present(run_dir):
+        files = partition_files(run_dir, p)
+        parts.extend(f for f in files if f != consolidated_file(run_dir, p))
+        consolidated.extend(f for f in files if f == consolidated_file(run_dir, p))
+    return parts + consolidated
 
 
 def _seconds_to_ts(values: list[float | None]) -> pa.Array:
@@ -75,17 +121,19 @@ def _seconds_to_ts(values: list[float | None]) -> pa.Array:
 
 
 class LedgerWriter:
-    """Buffers per-recipient outcomes inside one process and writes them as Parquet parts.
+    """Buffers per-recipient outcomes inside one process and writes them as Parquet parts, one
+    per address partition the buffered rows belong to.
 
     Thread-safe: sender threads (or the event loop) call `record`; a daemon thread flushes every
     `flush_seconds`, and callers flush at the end of a batch so a finished batch is durable
-    before Ray Data hears that it finished.
+    before Ray Data hears that it finished. `assign` says which partition each id of a batch
+    belongs to before its rows are recorded (ids not assigned land in partition 0).
     """
 
     def __init__(self, run_dir: str, *, writer: str, node: str, run: str, epoch: int | None = None,
                  flush_seconds: float = 0.5) -> None:
-        self._dir = ledger_dir(run_dir)
-        storage.makedirs(self._dir)
+        self._run_dir = run_dir
+        storage.makedirs(ledger_dir(run_dir))
         self._writer = writer
         self._node = node
         self._run = run
@@ -96,6 +144,7 @@ class LedgerWriter:
         self._lock = threading.Lock()
         self._io_lock = threading.Lock()
         self._cols: dict[str, list[object]] = self._empty()
+        self._parts: dict[int, int] = {}
         self._closed = threading.Event()
         self.rows_written = 0
         if flush_seconds > 0:
@@ -107,6 +156,16 @@ class LedgerWriter:
     def _empty() -> dict[str, list[object]]:
         return {k: [] for k in ("id", "email", "status", "attempts", "error", "started_at",
                                 "finished_at", "latency_s", "message_id")}
+
+    def assign(self, ids: Iterable[int], parts: Iterable[int]) -> None:
+        with self._lock:
+            self._parts.update(zip(ids, parts, strict=True))
+
+    def release(self, ids: Iterable[int]) -> None:
+        """Forget the partitions of a finished batch's ids (after its flush)."""
+        with self._lock:
+            for i in ids:
+                self._parts.pop(i, None)
 
     def record(self, id: int, email: str, status: str, attempts: int, error: str | None,
                started_at: float | None, finished_at: float | None, latency_s: float | None,
@@ -128,10 +187,11 @@ class LedgerWriter:
             return len(self._cols["id"])
 
     def flush(self) -> int:
-        """Write what is buffered as one part; returns the number of rows written."""
+        """Write what is buffered, one part per partition; returns the number of rows written."""
         with self._io_lock:  # one writer at a time keeps part numbers in order
             with self._lock:
                 cols, self._cols = self._cols, self._empty()
+                parts = [self._parts.get(i, 0) for i in cols["id"]]  # type: ignore[call-overload]
             n = len(cols["id"])
             if n == 0:
                 return 0
@@ -150,9 +210,10 @@ class LedgerWriter:
                 "duplicate_of": pa.nulls(n, pa.int64()),
                 "run": pa.repeat(pa.scalar(self._run, pa.large_string()), n),
                 "epoch": pa.repeat(pa.scalar(self._epoch, pa.int64()), n),
+                "part": pa.array(parts, pa.int32()),
             }, schema=SCHEMA)
             name = f"{self._prefix}-{next(self._seq):06d}.parquet"
-            storage.write_table(table, storage.join(self._dir, name))
+            _write_by_part(self._run_dir, table, name)
             self.rows_written += n
             return n
 
@@ -168,13 +229,29 @@ class LedgerWriter:
         self.flush()
 
 
+def _write_by_part(run_dir: str, table: pa.Table, name: str) -> None:
+    parts = table.column("part")
+    values = pc.unique(parts).to_pylist()
+    if len(values) == 1:
+        directory = partition_dir(run_dir, int(values[0] or 0))
+        storage.makedirs(directory)
+        storage.write_table(table, storage.join(directory, name))
+        return
+    for value in values:
+        directory = partition_dir(run_dir, int(value or 0))
+        storage.makedirs(directory)
+        storage.write_table(table.filter(pc.equal(parts, value)), storage.join(directory, name))
+
+
 def write_frame(run_dir: str, frame: pl.DataFrame, *, name: str) -> None:
-    """Write rows settled by the driver (invalid, duplicate, suppressed) as one ledger part."""
+    """Write rows settled at load (invalid, duplicate, suppressed) as ledger parts, by the
+    partition in their `part` (or `_part`) column."""
     if frame.height == 0:
         return
-    storage.makedirs(ledger_dir(run_dir))
+    if "_part" in frame.columns:
+        frame = frame.rename({"_part": "part"})
     table = conform(frame).to_arrow().cast(SCHEMA)
-    storage.write_table(table, storage.join(ledger_dir(run_dir), f"{name}.parquet"))
+    _write_by_part(run_dir, table, f"{name}.parquet")
 
 
 def conform(frame: pl.DataFrame) -> pl.DataFrame:
@@ -214,12 +291,14 @@ def _conform_table(table: pa.Table) -> pa.Table:
 
 
 def read_journal(run_dir: str) -> pl.DataFrame:
-    """Every recorded row, including repeats (the raw journal plus the consolidated ledger)."""
-    paths = storage.list_files(ledger_dir(run_dir), ".parquet")
-    consolidated = ledger_file(run_dir)
-    if storage.exists(consolidated):
-        paths = [consolidated, *paths]
-    return _read_parts(paths)
+    """Every recorded row of every partition, repeats included (tests and small tools; the
+    run itself reads one partition at a time)."""
+    return _read_parts(journal_files(run_dir))
+
+
+def read_partition(run_dir: str, part: int) -> pl.DataFrame:
+    """One partition's journal: its parts and its consolidated file."""
+    return _read_parts(partition_files(run_dir, part))
 
 
 def latest(journal: pl.DataFrame) -> pl.DataFrame:
@@ -237,43 +316,56 @@ def read_ledger(run_dir: str) -> pl.DataFrame:
     return latest(read_journal(run_dir))
 
 
-def done_ids(run_dir: str, *, retry_failed: bool = False) -> pl.DataFrame:
-    """Ids whose outcome is final, for the resume anti-join."""
-    ledger = read_ledger(run_dir)
-    statuses = [s for s in FINAL_STATUSES if not (retry_failed and s == FAILED)]
-    return ledger.filter(pl.col("status").is_in(statuses)).select("id")
+def final_statuses(*, retry_failed: bool = False) -> list[str]:
+    return [s for s in FINAL_STATUSES if not (retry_failed and s == FAILED)]
 
 
-def recorded_ids(run_dir: str, ids: list[int]) -> set[int]:
-    """Which of `ids` already have a final outcome recorded (used when a batch is retried)."""
+def done_ids(run_dir: str, part: int, *, retry_failed: bool = False) -> pl.Series:
+    """Ids of one partition whose outcome is final, for the resume anti-join."""
+    rows = latest(read_partition(run_dir, part))
+    return rows.filter(pl.col("status").is_in(final_statuses(retry_failed=retry_failed)))["id"]
+
+
+def recorded_ids(run_dir: str, ids: list[int], parts: Iterable[int] | None = None) -> set[int]:
+    """Which of `ids` already have a final outcome recorded (used when a batch is retried);
+    `parts`: the partitions they belong to, when known (only those are read)."""
     if not ids:
         return set()
-    journal = read_journal(run_dir)
+    files = ([f for p in sorted(set(parts)) for f in partition_files(run_dir, p)]
+             if parts is not None else journal_files(run_dir))
+    journal = _read_parts(files)
     found = journal.filter(pl.col("id").is_in(ids) & pl.col("status").is_in(FINAL_STATUSES))
     return set(found["id"].to_list())
 
 
 def reset(run_dir: str) -> None:
-    """Forget the campaign's ledger (`--restart`): the journal and the consolidated file."""
+    """Forget the campaign's ledger (`--restart`): the journal and the consolidated files."""
     storage.delete_dir(ledger_dir(run_dir))
-    storage.delete_file(ledger_file(run_dir))
+    storage.delete_dir(ledger_file(run_dir))
 
 
-def consolidate_with_journal(run_dir: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Fold the journal into `ledger.parquet` (one row per recipient) and remove absorbed parts.
-    Returns the ledger and the journal it read (what `read_journal` returned before it), so the
-    end of a run reads every part once, not twice."""
-    parts = storage.list_files(ledger_dir(run_dir), ".parquet")
-    consolidated = ledger_file(run_dir)
+def fold_partition(run_dir: str, part: int, *, write: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Fold one partition's journal into its consolidated file (one row per recipient) and
+    remove the parts it absorbed; `write=False` only reads. Returns the partition's ledger and
+    the journal it read."""
+    parts = storage.list_files(partition_dir(run_dir, part), ".parquet")
+    consolidated = consolidated_file(run_dir, part)
     had_file = storage.exists(consolidated)
-    frames = _read_parts([consolidated, *parts] if had_file else parts)
-    ledger = latest(frames)
-    if parts or not had_file:
-        storage.makedirs(run_dir)
-        storage.write_table(ledger.to_arrow().cast(SCHEMA), consolidated)
-        for p in parts:  # only after ledger.parquet holds their rows
+    journal = _read_parts([*parts, consolidated] if had_file else parts)
+    rows = latest(journal)
+    if write and (parts or not had_file):  # a campaign without rows still gets its ledger
+        storage.makedirs(ledger_file(run_dir))
+        storage.write_table(rows.to_arrow().cast(SCHEMA), consolidated)
+        for p in parts:  # only after the consolidated file holds their rows
             storage.delete_file(p)
-    return ledger, frames
+    return rows, journal
+
+
+def fold_all(run_dir: str) -> None:
+    """Fold every partition, one after the other, in this process (tests and small tools; a run
+    folds its partitions in parallel tasks, ledger_stage.py)."""
+    for part in partitions_present(run_dir):
+        fold_partition(run_dir, part)
 
 
 def new_run_id() -> str:

@@ -88,11 +88,10 @@ def require_run_dir(run_dir: str) -> None:
 
 
 def _sources(run_dir: str) -> list[str]:
-    """The journal's files. The parts are listed before `ledger.parquet` is looked for (see the
-    module docstring): the other order could miss rows consolidated in between."""
-    parts = storage.list_files(ledger.ledger_dir(run_dir), ".parquet")
-    consolidated = ledger.ledger_file(run_dir)
-    return [consolidated, *parts] if storage.exists(consolidated) else parts
+    """The journal's files, partition by partition: each partition's parts are listed before
+    its consolidated file is looked for (see the module docstring): the other order could miss
+    rows consolidated in between."""
+    return ledger.journal_files(run_dir)
 
 
 def _fetch(path: str) -> io.BytesIO:

@@ -1,5 +1,6 @@
 """The run's report: counts that reconcile with the input, stage times, throughput, efficiency
-against the ideal, latency percentiles. Plain functions over polars frames; no Ray.
+against the ideal, latency percentiles. Built from the merged per-partition tallies
+(tally.py), never from the whole ledger; no Ray.
 """
 
 from __future__ import annotations
@@ -11,34 +12,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import polars as pl
-
 from . import storage
 from .config import SendConfig
-from .ledger import DUPLICATE, FAILED, INVALID, SENT, SUPPRESSED, latest
-from .recipients import Loaded
+from .ledger import DUPLICATE, FAILED, INVALID, SENT, SUPPRESSED
+from .partitions import LoadSummary
+from .tally import Tally, latency_quantile
 
-STAGE_ORDER = ("load", "ray_start", "partition", "send", "ray_stop", "ledger", "report", "render")
-
-
-def send_window(rows: pl.DataFrame) -> tuple[float | None, float | None]:
-    """First start and last end (epoch seconds) of the rows actually sent or tried."""
-    tried = rows.filter(pl.col("started_at").is_not_null())
-    if tried.height == 0:
-        return None, None
-    first = tried["started_at"].min()
-    last = tried["finished_at"].max()
-    return first.timestamp(), last.timestamp()  # type: ignore[union-attr]
+STAGE_ORDER = ("ray_start", "load", "partition", "send", "ledger", "ray_stop", "report", "render")
 
 
-def efficiency(rows: pl.DataFrame, send: SendConfig) -> dict[str, Any]:
+def efficiency(t: Tally, send: SendConfig) -> dict[str, Any]:
     """Throughput and efficiency from the ledger's own timestamps (first start → last end).
 
     ideal = attempts × latency / (actors × concurrency per actor); efficiency = ideal / measured.
     """
-    first, last = send_window(rows)
-    tried = rows.filter(pl.col("started_at").is_not_null())
-    attempts = int(tried["attempts"].sum() or 0)
+    first, last = t.first_start, t.last_end
+    attempts = t.started_attempts
     if first is None or last is None or last <= first:
         return {"window_s": 0.0, "emails_per_s": 0.0, "ideal_s": 0.0, "efficiency": None,
                 "attempts": attempts, "ideal_emails_per_s": None}
@@ -46,7 +35,7 @@ def efficiency(rows: pl.DataFrame, send: SendConfig) -> dict[str, Any]:
     ideal = attempts * send.latency / send.total_concurrency if send.sender == "fake" else None
     return {
         "window_s": round(window, 3),
-        "emails_per_s": round(tried.height / window, 1),
+        "emails_per_s": round(t.started / window, 1),
         "attempts": attempts,
         "ideal_s": None if ideal is None else round(ideal, 3),
         "efficiency": None if ideal is None else round(ideal / window, 4),
@@ -55,21 +44,16 @@ def efficiency(rows: pl.DataFrame, send: SendConfig) -> dict[str, Any]:
     }
 
 
-def latency(rows: pl.DataFrame) -> dict[str, float | None]:
-    lat = rows["latency_s"].drop_nulls()
-    if lat.len() == 0:
+def latency(t: Tally) -> dict[str, float | None]:
+    """Percentiles from the merged histogram (within 1%), never above the exact maximum."""
+    if not t.latency or t.latency_max is None:
         return {"p50": None, "p95": None, "p99": None, "max": None}
-    out: dict[str, float | None] = {
-        f"p{q}": round(float(lat.quantile(q / 100, "linear") or 0.0), 4) for q in (50, 95, 99)}
-    out["max"] = round(float(lat.max() or 0.0), 4)  # type: ignore[arg-type]
+    out: dict[str, float | None] = {}
+    for q in (50, 95, 99):
+        value = latency_quantile(t.latency, q / 100)
+        out[f"p{q}"] = None if value is None else round(min(value, t.latency_max), 4)
+    out["max"] = round(t.latency_max, 4)
     return out
-
-
-def status_counts(frame: pl.DataFrame) -> dict[str, int]:
-    counts = {s: 0 for s in (SENT, FAILED, INVALID, DUPLICATE, SUPPRESSED)}
-    for row in frame.group_by("status").len().iter_rows():
-        counts[str(row[0])] = int(row[1])
-    return counts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,17 +145,13 @@ class DryRunReport:
 
 
 def build(*, campaign: str, run_id: str, run_dir: str, input: str, send: SendConfig,
-          batch_size: int, loaded: Loaded, this_run: pl.DataFrame, ledger: pl.DataFrame,
+          batch_size: int, loaded: LoadSummary, tally: Tally,
           stages: Mapping[str, float], ray_stats: tuple[Mapping[str, Any], ...],
           crashed_batches: int, started_at: float, interrupted: bool, lease_lost: bool = False,
           log_file: str | None = None) -> Report:
-    run_latest = latest(this_run)  # one row per id, as the ledger itself reads
-    run_counts = status_counts(run_latest)
-    not_sent = loaded.to_send.height - run_counts[SENT] - run_counts[FAILED]
+    run_counts = {s: int(tally.run.get(s, 0)) for s in (SENT, FAILED, INVALID, DUPLICATE, SUPPRESSED)}
+    not_sent = loaded.to_send - run_counts[SENT] - run_counts[FAILED]
     accounted = (sum(run_counts.values()) + loaded.already_done + not_sent)
-    repeated = this_run.filter(pl.col("status") == SENT).height - run_latest.filter(
-        pl.col("status") == SENT).height
-    sent_rows = run_latest.filter(pl.col("status").is_in([SENT, FAILED]))
     return Report(
         campaign=campaign, run_id=run_id, run_dir=run_dir, input=input,
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
@@ -184,18 +164,17 @@ def build(*, campaign: str, run_id: str, run_dir: str, input: str, send: SendCon
         counts=Counts(input_rows=loaded.input_rows, already_done=loaded.already_done,
                       **run_counts, not_sent=not_sent,
                       reconciled=accounted == loaded.input_rows),
-        campaign_counts=status_counts(ledger),
+        campaign_counts=dict(tally.campaign),
         stages_s={k: round(stages[k], 3) for k in STAGE_ORDER if k in stages},
         total_s=round(time.time() - started_at, 3),
-        send=SendStats(**efficiency(sent_rows, send),
-                       retries=int(sent_rows["attempts"].sum() or 0) - sent_rows.height,
-                       repeated_records=repeated, crashed_batches=crashed_batches),
-        latency_s=Latency(**latency(sent_rows)),
+        send=SendStats(**efficiency(tally, send), retries=tally.attempts - tally.tried,
+                       repeated_records=tally.repeated, crashed_batches=crashed_batches),
+        latency_s=Latency(**latency(tally)),
         ray_data=ray_stats,
     )
 
 
-def build_dry_run(*, campaign: str, run_dir: str, loaded: Loaded, stages: Mapping[str, float],
+def build_dry_run(*, campaign: str, run_dir: str, loaded: LoadSummary, stages: Mapping[str, float],
                   written: int) -> DryRunReport:
     return DryRunReport(campaign=campaign, run_dir=run_dir, dry_run=written,
                         counts={"input_rows": loaded.input_rows,
@@ -266,11 +245,11 @@ def finish(rep: Report, stages: Mapping[str, float], started_at: float) -> Repor
         total_s=round(time.time() - started_at, 3))
 
 
-def with_charts(rep: Report, this_run: pl.DataFrame) -> Report:
+def with_charts(rep: Report, tally: Tally) -> Report:
     """`rep` with its PNG charts drawn beside report.md (names relative to the run directory);
     a chart that fails is listed in `chart_errors`, never raised."""
     from .charts import write_charts as draw
-    names, errors = draw(rep.to_json(), this_run, rep.run_dir)
+    names, errors = draw(rep.to_json(), tally, rep.run_dir)
     return dataclasses.replace(rep, charts=tuple(names), chart_errors=tuple(errors))
 
 

@@ -1,8 +1,9 @@
-"""The send stage: rows in, every recipient sent (or left for the resume) and recorded, out.
+"""The send stage: the load's rows in, every recipient sent (or left for the resume) and
+recorded, out.
 
-`send(rows, job, ...)` owns everything Ray: it starts or joins Ray, cuts the rows into blocks,
-runs `SendBatches` over them through `map_batches` with an actor pool, follows the results for
-progress, and stops in seconds when asked to (or when the campaign lease is lost).
+`send(loaded, job, ...)` cuts the rows into blocks, runs `SendBatches` over them through
+`map_batches` with an actor pool, follows the results for progress, and stops in seconds when
+asked to (or when the campaign lease is lost). Ray is started by the caller (campaign.py).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import polars as pl
 import pyarrow as pa
 
 from . import ray_session, storage
 from .config import CampaignConfig, SendConfig
 from .hooks import Hooks, Progress, Stages
+
+if TYPE_CHECKING:  # load_stage imports Ray, which the CLI imports only once a run needs it
+    from .load_stage import Loaded
 
 RATE_WINDOW = 10.0  # seconds of history behind the live rate (and so the ETA)
 POLL = 0.2  # seconds between the driver's looks at progress, the stop flag and the lease
@@ -111,73 +114,50 @@ def calls_per_actor(send: SendConfig, batch_size: int) -> int:
     return max(2, min(64, math.ceil(3 * send.concurrency / batch_size)))
 
 
-def partition(frame: pl.DataFrame, *, batch_size: int, max_blocks: int = 2000) -> Any:
-    """Hand rows to Ray as a Dataset of many blocks (one `from_arrow` table is ONE block)."""
-    import ray
-    table = frame.to_arrow()
-    rows = table.num_rows
-    blocks = max(1, min(math.ceil(rows / batch_size), max_blocks))
-    per_block = math.ceil(rows / blocks / batch_size) * batch_size
-    tables = [table.slice(i, per_block) for i in range(0, rows, per_block)] or [table]
-    # from_blocks (Ray 2.60, a DeveloperAPI) computes each block's metadata here; from_arrow
-    # runs one remote task per block for it, in a worker process it first has to start: 1.4 s
-    # of CPU for the 160 blocks of a 1M async run.
-    from_blocks = getattr(ray.data, "from_blocks", None)
-    return from_blocks(tables) if from_blocks else ray.data.from_arrow(tables)
-
-
-def send(rows: pl.DataFrame, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
+def send(loaded: Loaded, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
          stages: Stages, lease: LeaseView | None = None) -> SendOutcome:
-    """Send `rows` (id, email, template fields); every outcome lands in the run's ledger."""
+    """Send the rows the load left to send (on Ray, which the caller started); every outcome
+    lands in the run's ledger."""
+    import ray
+
+    from .actors import Coordinator, RateLimiter, SendBatches
     send_cfg = job.send
-    batch_size = batch_size_for(send_cfg, rows.height)
+    total = loaded.summary.to_send
+    batch_size = batch_size_for(send_cfg, total)
     calls = calls_per_actor(send_cfg, batch_size)
-    session: ray_session.RaySession | None = None
-    try:
-        with stages.time("ray_start"):
-            session = ray_session.start(config, send_cfg, verbose=config.verbose)
-            access = ray_session.dashboard_access(session)
-            if access:
-                hooks.info(access)
-            import ray
+    coordinator = Coordinator.options(  # type: ignore[attr-defined]
+        scheduling_strategy=ray_session.this_node()).remote(
+            lease.valid_until if lease is not None else None)
+    # One schedule of send slots for every actor on every node (sending/ratelimit.py).
+    rate_limiter = None
+    if send_cfg.rate is not None:
+        rate_limiter = RateLimiter.options(
+            scheduling_strategy=ray_session.this_node()).remote(send_cfg.rate)
+    # And one schedule per relay with a rate of its own, shared the same way.
+    relay_limiters = {
+        r.name: RateLimiter.options(scheduling_strategy=ray_session.this_node()).remote(r.rate)
+        for r in send_cfg.smtp.effective_relays
+        if r.rate is not None and send_cfg.sender == "smtp"}
 
-            from .actors import Coordinator, RateLimiter, SendBatches
-            coordinator = Coordinator.options(  # type: ignore[attr-defined]
-                scheduling_strategy=ray_session.this_node()).remote(
-                    lease.valid_until if lease is not None else None)
-            # One schedule of send slots for every actor on every node (sending/ratelimit.py).
-            rate_limiter = None
-            if send_cfg.rate is not None:
-                rate_limiter = RateLimiter.options(
-                    scheduling_strategy=ray_session.this_node()).remote(send_cfg.rate)
-            # And one schedule per relay with a rate of its own, shared the same way.
-            relay_limiters = {
-                r.name: RateLimiter.options(scheduling_strategy=ray_session.this_node()).remote(r.rate)
-                for r in send_cfg.smtp.effective_relays
-                if r.rate is not None and send_cfg.sender == "smtp"}
+    with stages.time("partition"):
+        # Blocks of about one batch: one block goes to one actor at a time.
+        ds = loaded.dataset(rows_per_block=batch_size)
 
-        with stages.time("partition"):
-            ds = partition(rows, batch_size=batch_size)
-
-        with stages.time("send"):
-            constructor = dict(run_dir=job.run_dir, campaign=job.campaign, run_id=job.run_id,
-                               epoch=job.epoch, config=send_cfg, coordinator=coordinator,
-                               fields=job.fields, rate_limiter=rate_limiter,
-                               relay_limiters=relay_limiters)
-            out = ds.map_batches(SendBatches.for_campaign(job.campaign), **SendBatches.map_batches_kwargs(
-                send_cfg, batch_size=batch_size, calls=calls, constructor=constructor,
-                runtime_env=_storage_env(job.run_dir)))
-            follow = _Follow(out, rows.height, coordinator, hooks, send_cfg, lease)
-            totals, interrupted = follow.run()
-            ray_stats = () if interrupted else tuple(_stats(out))
-        if config.timeline:
-            ray.timeline(filename=config.timeline)
-            hooks.info(f"timeline written to {config.timeline} (open in chrome://tracing or "
-                       "https://ui.perfetto.dev)")
-    finally:
-        if session is not None:
-            with stages.time("ray_stop"):
-                session.stop()
+    with stages.time("send"):
+        constructor = dict(run_dir=job.run_dir, campaign=job.campaign, run_id=job.run_id,
+                           epoch=job.epoch, config=send_cfg, coordinator=coordinator,
+                           fields=job.fields, rate_limiter=rate_limiter,
+                           relay_limiters=relay_limiters)
+        out = ds.map_batches(SendBatches.for_campaign(job.campaign), **SendBatches.map_batches_kwargs(
+            send_cfg, batch_size=batch_size, calls=calls, constructor=constructor,
+            runtime_env=storage.runtime_env(job.run_dir)))
+        follow = _Follow(out, total, coordinator, hooks, send_cfg, lease)
+        totals, interrupted = follow.run()
+        ray_stats = () if interrupted else tuple(_stats(out))
+    if config.timeline:
+        ray.timeline(filename=config.timeline)
+        hooks.info(f"timeline written to {config.timeline} (open in chrome://tracing or "
+                   "https://ui.perfetto.dev)")
     return SendOutcome(totals=totals, batch_size=batch_size, interrupted=interrupted,
                        lease_lost=follow.lease_lost, ray_stats=ray_stats)
 
@@ -282,11 +262,6 @@ class _Follow:
         return Progress(total=self.total, sent=c["sent"], failed=c["failed"],
                         abandoned=c["abandoned"], retries=c["retries"], elapsed=now - t0,
                         rate=rate, stopping=stopping)
-
-
-def _storage_env(run_dir: str) -> dict[str, Any] | None:
-    env = storage.forwarded_env() if storage.is_uri(run_dir) else {}
-    return {"env_vars": env} if env else None
 
 
 def _stats(ds: Any) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import io
 import os
 import uuid
 from functools import lru_cache
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -54,6 +55,14 @@ FORWARDED_ENV = (
 def forwarded_env() -> dict[str, str]:
     """The storage settings of this process's environment, to hand to actors elsewhere."""
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def runtime_env(*paths: str | None) -> dict[str, Any] | None:
+    """A Ray `runtime_env` carrying the storage settings, when any of `paths` is in object
+    storage: tasks and actors on other nodes do not share the driver's environment (the S3
+    endpoint, region; never credentials)."""
+    env = forwarded_env() if any(p is not None and is_uri(p) for p in paths) else {}
+    return {"env_vars": env} if env else None
 
 
 @lru_cache(maxsize=32)
@@ -113,6 +122,15 @@ def list_files(directory: str, suffix: str = "") -> list[str]:
                    if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                    and not i.base_name.startswith((".", "_")))
     return [join(directory, n) for n in names]
+
+
+def list_dirs(directory: str) -> list[str]:
+    """Names of the directories directly under `directory` (sorted)."""
+    fs, p = resolve(directory)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def delete_file(path: str) -> None:

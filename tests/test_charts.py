@@ -1,4 +1,5 @@
-"""Charts beside report.md: produced, real PNGs, drawn from the ledger, never failing a run."""
+"""Charts beside report.md: produced, real PNGs, drawn from the run's tally (the mergeable
+aggregates of its ledger rows), never failing a run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline import charts, ledger
+from pipeline import charts, ledger, tally
 from pipeline.campaign import run_campaign
 
 from .conftest import campaign, write_recipients
@@ -24,14 +25,18 @@ def assert_png(path: Path) -> None:
     assert len(data) > 2000, path  # a drawn chart, not an empty canvas
 
 
-def journal(tmp_path: Path, rows: list[tuple[int, str, int, float, float, float]]) -> pl.DataFrame:
-    """A real ledger journal written by LedgerWriter: (id, status, attempts, start, end, latency)."""
+def journal(tmp_path: Path, rows: list[tuple[int, str, int, float, float, float]]) -> tally.Tally:
+    """The tally of a real ledger journal written by LedgerWriter: (id, status, attempts, start,
+    end, latency), summed over two halves as two partitions would be."""
     w = ledger.LedgerWriter(str(tmp_path), writer="a", node="n", run="r", flush_seconds=0)
     for rid, status, attempts, start, end, lat in rows:
         w.record(rid, f"u{rid}@example.com", status, attempts, None if status == "sent" else "421",
                  start, end, lat, f"<c.{rid}@x>")
     w.close()
-    return ledger.read_journal(str(tmp_path))
+    rows_ = ledger.read_journal(str(tmp_path))
+    half = rows_.height // 2
+    return tally.merge([tally.summarise(rows_.head(half), run_id="r"),
+                        tally.summarise(rows_.tail(rows_.height - half), run_id="r")])
 
 
 def report(concurrency: int = 4, latency: float = 0.5) -> dict[str, object]:
@@ -56,15 +61,14 @@ def test_every_chart_written_as_png(tmp_path: Path) -> None:
 
 def test_in_flight_counts_overlapping_sends_and_only_the_last_attempt(tmp_path: Path) -> None:
     t0 = 1_000_000.0
-    frame = journal(tmp_path, [
+    totals = journal(tmp_path, [
         (1, "sent", 1, t0, t0 + 1.0, 1.0),
         (2, "sent", 1, t0 + 0.5, t0 + 1.5, 1.0),
         # Retried: first started at t0, last attempt took 0.2 s and ended at t0 + 3. The backoff
         # in between held no slot, so it is in flight only from t0 + 2.8.
         (3, "sent", 2, t0, t0 + 3.0, 0.2),
     ])
-    windows = charts.attempt_windows(frame)
-    t, level = charts.in_flight_levels(windows, t0, samples=301)  # every 0.01 s
+    t, level = charts.in_flight_levels(totals, t0)  # at the end of every 0.05 s
     at = {round(float(x), 2): int(v) for x, v in zip(t, level, strict=True)}
     assert at[0.25] == 1 and at[0.75] == 2 and at[1.25] == 1
     assert at[2.0] == 0 and at[2.9] == 1
@@ -83,16 +87,32 @@ def test_a_broken_chart_is_reported_and_the_others_still_written(tmp_path: Path)
     assert any(e.startswith("stages:") for e in errors)
 
 
-def test_unwritable_run_dir_and_bad_frame_never_raise(tmp_path: Path) -> None:
-    names, errors = charts.write_charts(report(), pl.DataFrame({"x": [1]}), str(tmp_path / "missing"))
+def test_unwritable_run_dir_and_bad_tally_never_raise(tmp_path: Path) -> None:
+    bad = tally.Tally(starts={1: 1}, ends={"x": 1}, per_second={2: (1,)},  # type: ignore[dict-item]
+                      latency={3: "many"})  # type: ignore[dict-item]
+    names, errors = charts.write_charts(report(), bad, str(tmp_path / "missing"))
     assert names == []
     assert len(errors) >= 2
 
 
 def test_no_sends_gives_only_the_stage_chart(tmp_path: Path) -> None:
-    empty = pl.DataFrame(schema=ledger.POLARS_SCHEMA)
+    empty = tally.summarise(pl.DataFrame(schema=ledger.POLARS_SCHEMA), run_id="r")
     names, _ = charts.write_charts(report(), empty, str(tmp_path))
     assert names == ["stages.png"]
+
+
+def test_latency_percentiles_from_merged_histograms_are_within_one_percent(tmp_path: Path) -> None:
+    import random
+    rnd = random.Random(4)
+    lat = [rnd.lognormvariate(-2, 0.7) for _ in range(3000)]
+    rows = [(i, "sent", 1, 100.0 + i, 100.0 + i + v, v) for i, v in enumerate(lat)]
+    totals = journal(tmp_path, rows)
+    exact = sorted(lat)
+    for q in (0.5, 0.95, 0.99):
+        got = tally.latency_quantile(totals.latency, q)
+        want = exact[int(q * (len(exact) - 1))]
+        assert got is not None and abs(got / want - 1) < 0.011, (q, got, want)
+    assert totals.latency_max == max(lat) and totals.tried == 3000
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -4,6 +4,10 @@ file, column or flag, no traceback, nothing written, and Ray never even imported
 Each case runs `python -m pipeline.run` in a fresh empty directory with a stand-in `ray`
 package first on PYTHONPATH that exits loudly if imported: an error found after Ray is
 imported (let alone started) fails the test.
+
+Two mistakes can only be seen by reading every row, which the load's Ray tasks do (the list
+never lands on the driver): a broken data page and repeated ids. They are found before
+anything is sent or recorded, and give the same one line and exit 2 (DATA_CASES).
 """
 
 from __future__ import annotations
@@ -60,14 +64,10 @@ CASES: dict[str, Case] = {
                              "renamed.parquet: not a readable Parquet file"),
     "truncated parquet": (lambda f: ["--input", str(f["truncated"])],
                           "truncated.parquet: not a readable Parquet file"),
-    "corrupt data pages": (lambda f: ["--input", str(f["pages"])],
-                           "pages.parquet: cannot read the recipients"),
     "no email column": (lambda f: ["--input", str(f["noemail"])],
                         "no 'email' column (columns found: id, mail)"),
     "email not text": (lambda f: ["--input", str(f["intemail"])],
                        "column 'email' must be text, found Int64"),
-    "ids repeat with different addresses": (lambda f: ["--input", str(f["dupids"])],
-                                            "column 'id' repeats"),
     "actors zero": (lambda f: [*GOOD(f), "--actors", "0"], "--actors must be at least 1"),
     "actors negative": (lambda f: [*GOOD(f), "--actors=-3"], "--actors must be at least 1"),
     "threads zero": (lambda f: [*GOOD(f), "--threads-per-actor", "0"],
@@ -111,10 +111,32 @@ def test_user_error_is_one_line_exit_2_nothing_written(case: str, files: dict[st
     assert (tmp_path / "somefile").read_text() == "a regular file\n"
 
 
+DATA_CASES: dict[str, Case] = {
+    "corrupt data pages": (lambda f: ["--input", str(f["pages"])],
+                           "pages.parquet: cannot read the recipients"),
+    "ids repeat with different addresses": (lambda f: ["--input", str(f["dupids"])],
+                                            "column 'id' repeats (1 ids; e.g. id 5 on rows 0 and 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_data_error_found_by_the_load_is_one_line_exit_2_nothing_left(
+        case: str, files: dict[str, Path], tmp_path: Path) -> None:
+    make_args, expected = DATA_CASES[case]
+    res = cli(*make_args(files), "--campaign", "c", "--no-dashboard", "--no-charts",
+              cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("bulkmail: error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+    # Nothing sent or recorded, and the campaign this run would have created is not there.
+    assert not (tmp_path / "runs" / "c").exists()
+
+
 def test_zero_rows_is_not_an_error(files: dict[str, Path], tmp_path: Path) -> None:
-    # An empty list needs no cluster: the run ends cleanly without importing Ray.
     res = cli("--input", str(files["empty"]), "--campaign", "c", "--no-dashboard", "--no-charts",
-              cwd=tmp_path, env={"PYTHONPATH": str(files["trap"])}, timeout=60)
+              cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     rep = json.loads((tmp_path / "runs" / "c" / "report.json").read_text())
     assert rep["counts"]["input_rows"] == 0 and rep["counts"]["reconciled"]

@@ -23,7 +23,7 @@ def test_parts_hold_every_column_and_consolidate_to_one_row_per_id(tmp_path: Pat
     assert w.flush() == 5
     w.record(9, "u9@x.org", "failed", 3, "421 busy", now, now + 2, 0.5, "<c.9@x.org>")
     assert w.flush() == 1 and w.flush() == 0  # nothing buffered: no empty part
-    parts = sorted((tmp_path / "ledger").glob("part-*.parquet"))
+    parts = sorted((tmp_path / "ledger" / "00000").glob("part-*.parquet"))
     assert len(parts) == 2
     journal = ledger.read_journal(str(tmp_path))
     assert journal.schema == ledger.POLARS_SCHEMA
@@ -32,10 +32,33 @@ def test_parts_hold_every_column_and_consolidate_to_one_row_per_id(tmp_path: Pat
         "failed", 3, "421 busy", "a", "node-1", "r1")
     assert abs(row["finished_at"].timestamp() - (now + 2)) < 1e-3
 
-    led = ledger.consolidate_with_journal(str(tmp_path))[0]
+    led = ledger.fold_partition(str(tmp_path), 0)[0]
     assert led.height == 6 and led["id"].is_unique().all()
-    assert not list((tmp_path / "ledger").glob("part-*.parquet"))  # absorbed
+    assert not list((tmp_path / "ledger" / "00000").glob("part-*.parquet"))  # absorbed
     assert pl.read_parquet(tmp_path / "ledger.parquet").height == 6
+    assert (tmp_path / "ledger.parquet" / "part-00000.parquet").is_file()
+
+
+def test_rows_land_in_their_partition_and_each_partition_reads_alone(tmp_path: Path) -> None:
+    w = writer(tmp_path)
+    ids = list(range(12))
+    w.assign(ids, [i % 3 for i in ids])
+    for i in ids:
+        w.record(i, f"u{i}@x.org", "sent" if i % 2 else "failed", 1, None, 1.0, 2.0, 1.0, None)
+    assert w.flush() == 12
+    w.release(ids)
+    for p in range(3):
+        (part,) = (tmp_path / "ledger" / f"{p:05d}").glob("part-*.parquet")
+        assert sorted(pl.read_parquet(part)["id"].to_list()) == [i for i in ids if i % 3 == p]
+        assert pl.read_parquet(part)["part"].to_list() == [p] * 4
+    assert ledger.partitions_present(str(tmp_path)) == [0, 1, 2]
+    assert sorted(ledger.done_ids(str(tmp_path), 1).to_list()) == [1, 4, 7, 10]
+    assert sorted(ledger.done_ids(str(tmp_path), 1, retry_failed=True).to_list()) == [1, 7]
+    assert ledger.recorded_ids(str(tmp_path), [1, 2, 4], parts=[1]) == {1, 4}
+    assert ledger.recorded_ids(str(tmp_path), [1, 2, 4]) == {1, 2, 4}
+    ledger.fold_partition(str(tmp_path), 2)
+    assert ledger.read_ledger(str(tmp_path)).height == 12  # folded and unfolded together
+    assert sorted(ledger.done_ids(str(tmp_path), 2).to_list()) == [2, 5, 8, 11]
 
 
 def test_latest_outcome_wins_and_done_ids_follow_retry_failed(tmp_path: Path) -> None:
@@ -44,8 +67,8 @@ def test_latest_outcome_wins_and_done_ids_follow_retry_failed(tmp_path: Path) ->
     w1.record(1, "a@x.org", "failed", 3, "421", now, now + 1, 0.1, None)
     w1.record(2, "b@x.org", "sent", 1, None, now, now + 1, 0.1, None)
     w1.flush()
-    assert ledger.done_ids(str(tmp_path))["id"].to_list() == [1, 2]
-    assert ledger.done_ids(str(tmp_path), retry_failed=True)["id"].to_list() == [2]
+    assert sorted(ledger.done_ids(str(tmp_path), 0).to_list()) == [1, 2]
+    assert ledger.done_ids(str(tmp_path), 0, retry_failed=True).to_list() == [2]
     w2 = writer(tmp_path, "b", "r2")
     w2.record(1, "a@x.org", "sent", 1, None, now + 5, now + 6, 0.1, None)
     w2.flush()
@@ -59,20 +82,21 @@ def test_crash_between_consolidate_and_part_deletion_double_counts_nothing(tmp_p
     for i in range(3):
         w.record(i, f"u{i}@x.org", "sent", 1, None, now, now + 1, 1.0, None)
     w.flush()
-    (part,) = (tmp_path / "ledger").glob("part-*.parquet")
+    (part,) = (tmp_path / "ledger" / "00000").glob("part-*.parquet")
     saved = tmp_path / "saved.parquet"
     shutil.copy(part, saved)
-    ledger.consolidate_with_journal(str(tmp_path))[0]
+    ledger.fold_partition(str(tmp_path), 0)
     shutil.copy(saved, part)  # as if the process died before deleting the absorbed part
     assert ledger.read_ledger(str(tmp_path)).height == 3
-    assert ledger.consolidate_with_journal(str(tmp_path))[0].height == 3
+    assert ledger.fold_partition(str(tmp_path), 0)[0].height == 3
 
 
 def test_leftover_temp_file_from_a_killed_write_is_ignored(tmp_path: Path) -> None:
     w = writer(tmp_path)
     w.record(1, "a@x.org", "sent", 1, None, 1.0, 2.0, 1.0, None)
     w.flush()
-    (tmp_path / "ledger" / ".part-a-xyz-000009.parquet.1234.tmp").write_bytes(b"PAR1 half a file")
+    (tmp_path / "ledger" / "00000" / ".part-a-xyz-000009.parquet.1234.tmp").write_bytes(
+        b"PAR1 half a file")
     assert ledger.read_ledger(str(tmp_path))["id"].to_list() == [1]
 
 
@@ -84,14 +108,14 @@ def test_rows_settled_at_load_are_written_with_the_ledger_schema(tmp_path: Path)
     assert led.schema == ledger.POLARS_SCHEMA
     assert led.row(0, named=True)["error"] == "no @ in address"
     ledger.write_frame(str(tmp_path), frame.clear(), name="load-empty")  # no empty file
-    assert not (tmp_path / "ledger" / "load-empty.parquet").exists()
+    assert not list((tmp_path / "ledger").rglob("load-empty.parquet"))
 
 
 def test_periodic_flush_writes_without_being_asked(tmp_path: Path) -> None:
     w = ledger.LedgerWriter(str(tmp_path), writer="p", node="n", run="r", flush_seconds=0.05)
     w.record(1, "a@x.org", "sent", 1, None, 1.0, 2.0, 1.0, None)
     deadline = time.time() + 5
-    while time.time() < deadline and not list((tmp_path / "ledger").glob("part-p-*.parquet")):
+    while time.time() < deadline and not list((tmp_path / "ledger").rglob("part-p-*.parquet")):
         time.sleep(0.02)
     w.close()
     assert ledger.read_journal(str(tmp_path))["id"].to_list() == [1]

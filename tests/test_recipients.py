@@ -20,6 +20,10 @@ from pipeline.errors import UsageError
 from pipeline.sending.fake import fake_outcome
 
 from .conftest import campaign, read_ledger
+from .loading import load
+
+# The load runs on Ray (load_stage.py): every test here may reach it.
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 # --------------------------------------------------------------------------- generate
 
@@ -44,7 +48,7 @@ def test_generate_without_fractions_is_clean_and_unlabelled() -> None:
     df = generate.generate(500, seed=1)
     assert df.columns == ["id", "email", "name", "city", "plan", "signup_year"]
     assert df["email"].n_unique() == 500
-    assert recipients.load(df.lazy()).to_send.height == 500
+    assert load(df.lazy()).to_send.height == 500
 
 
 @pytest.mark.parametrize(("kwargs", "flag"), [
@@ -76,7 +80,7 @@ def test_load_gives_every_planted_row_its_fate() -> None:
     suppressed = set(clean[5::40])
     supp = pl.DataFrame({"_key": df.filter(pl.col("id").is_in(list(suppressed)))["email"]
                          .str.to_uppercase().str.to_lowercase()})
-    loaded = recipients.load(df.lazy(), suppression=supp)
+    loaded = load(df.lazy(), suppression=supp)
     fates = _fates(loaded)
     assert len(fates) == loaded.input_rows == 3000
     expected = {}
@@ -98,7 +102,7 @@ def test_duplicates_compare_trimmed_with_the_domain_lowered() -> None:
                   "c@y.com\n", "c@y.com", "d@z.com", "d@z.com", "\u00a0e@w.org"],
         "name": ["n", "n", "n", "n", "n", "n", "n", "Eve\r\nBcc: v@x.com", "ok", "n"],
     })
-    loaded = recipients.load(df.lazy())
+    loaded = load(df.lazy())
     settled = {r["id"]: r for r in loaded.settled.iter_rows(named=True)}
     assert loaded.to_send["id"].to_list() == [0, 2, 6, 8, 9]  # local parts are case-sensitive
     assert settled[1]["status"] == "duplicate" and settled[1]["duplicate_of"] == 0
@@ -118,7 +122,7 @@ def test_duplicates_compare_trimmed_with_the_domain_lowered() -> None:
 def test_repeated_ids_are_a_usage_error_naming_the_column(emails: list[str], same: str) -> None:
     df = pl.DataFrame({"id": [7, 8, 7], "email": emails})
     with pytest.raises(UsageError) as err:
-        recipients.load(df.lazy(), source="in.parquet")
+        load(df.lazy(), source="in.parquet")
     msg = str(err.value)
     assert "--input in.parquet" in msg and "column 'id'" in msg and "id 7 on rows 0 and 2" in msg
     assert same in msg and "\n" not in msg
@@ -131,7 +135,7 @@ def test_repeated_ids_are_a_usage_error_naming_the_column(emails: list[str], sam
 def test_null_or_out_of_range_ids_are_a_usage_error(ids: pl.Series) -> None:
     df = pl.DataFrame({"id": ids, "email": ["a@x.com", "b@x.com", "c@x.com"]})
     with pytest.raises(UsageError, match="column 'id' has 1 empty or out-of-range values"):
-        recipients.load(df.lazy())
+        load(df.lazy())
 
 
 def test_header_injection_in_any_header_field_is_invalid() -> None:
@@ -142,19 +146,19 @@ def test_header_injection_in_any_header_field_is_invalid() -> None:
         "body_only": ["x\r\ny"] * 8,  # not in a header: multi-line is fine
         "tags": [["a\r\nb"]] * 8,     # not text: renders escaped, never a raw line break
     }).with_columns(pl.col("city").cast(pl.Categorical))
-    loaded = recipients.load(df.lazy(), header_fields=("name", "city", "tags", "missing"))
+    loaded = load(df.lazy(), header_fields=("name", "city", "tags", "missing"))
     invalid = dict(loaded.settled.select("id", "error").iter_rows())
     assert set(invalid) == {1, 2, 5}
     assert "column 'name'" in invalid[1] and "column 'city'" in invalid[2]
     assert "header injection" in invalid[5]
     # Only the fields in headers are checked.
-    assert recipients.load(df.lazy(), header_fields=("body_only",)).to_send.height == 0
-    assert recipients.load(df.lazy(), header_fields=()).to_send.height == 8
+    assert load(df.lazy(), header_fields=("body_only",)).to_send.height == 0
+    assert load(df.lazy(), header_fields=()).to_send.height == 8
 
 
 def test_extra_columns_of_any_type_pass_through_and_underscores_are_ignored() -> None:
     df = _exotic_frame(6)
-    loaded = recipients.load(df.lazy())
+    loaded = load(df.lazy())
     assert loaded.to_send.height == 6
     assert "_row" not in loaded.fields and "_status" not in loaded.fields
     for col in ("tags", "profile", "blob", "born", "balance", "seen_at", "kind", "nothing"):
@@ -162,11 +166,20 @@ def test_extra_columns_of_any_type_pass_through_and_underscores_are_ignored() ->
         assert loaded.to_send.schema[col] == df.schema[col]
 
 
-def test_resume_keeps_fates_and_counts_done_ids() -> None:
+def test_resume_keeps_fates_and_counts_done_ids(tmp_path: Path) -> None:
+    """The resume reads each partition's own ledger rows: settled rows and the first 100 to
+    send recorded as sent, the next load skips exactly those and keeps every fate."""
+    from pipeline import ledger, partitions
     df = generate.generate(400, seed=2, invalid_fraction=0.1, duplicate_fraction=0.1)
-    first = recipients.load(df.lazy())
-    done = pl.concat([first.settled.select("id"), first.to_send.select("id").head(100)])
-    again = recipients.load(df.lazy(), done=done)
+    path = tmp_path / "in.parquet"
+    df.write_parquet(path, row_group_size=90)
+    first = load(str(path))
+    run_dir = str(tmp_path / "run")
+    sent = first.to_send.head(100).select("id", "email", status=pl.lit("sent"))
+    done = pl.concat([first.settled.select("id", "email", "status"), sent])
+    ledger.write_frame(run_dir, done.with_columns(
+        partitions.part_of(done["email"], 3).alias("part")), name="done")
+    again = load(str(path), resume_from=run_dir)
     assert again.input_rows == 400 and again.already_done == done.height
     assert again.settled.height == 0
     assert again.to_send["id"].to_list() == first.to_send["id"].to_list()[100:]
@@ -174,13 +187,13 @@ def test_resume_keeps_fates_and_counts_done_ids() -> None:
 
 def test_zero_rows_load_cleanly() -> None:
     df = generate.generate(0)
-    loaded = recipients.load(df.lazy())
+    loaded = load(df.lazy())
     assert loaded.input_rows == 0 and loaded.to_send.height == 0 and loaded.settled.height == 0
 
 
 def test_all_null_email_column_is_all_invalid() -> None:
     df = pl.DataFrame({"email": [None, None]}, schema={"email": pl.Null})
-    loaded = recipients.load(df.lazy())
+    loaded = load(df.lazy())
     assert loaded.settled["error"].to_list() == ["empty address"] * 2
 
 
@@ -202,9 +215,9 @@ def test_broken_data_pages_are_a_usage_error_naming_the_file(tmp_path: Path) -> 
     generate.generate(500, seed=1).write_parquet(folder / "a.parquet")
     generate.generate(500, seed=2).write_parquet(folder / "b.parquet", compression="zstd")
     _corrupt_pages(folder / "b.parquet")
-    lazy = recipients.scan(str(folder))  # the footers are fine
+    recipients.scan(str(folder))  # the footers are fine
     with pytest.raises(UsageError) as err:
-        recipients.load(lazy, source=str(folder))
+        load(str(folder), source=str(folder))
     msg = str(err.value)
     assert msg.startswith(f"--input {folder / 'b.parquet'}: cannot read the recipients (")
     assert "\n" not in msg
@@ -242,7 +255,7 @@ def test_suppression_matches_case_insensitively(tmp_path: Path) -> None:
     df = generate.generate(50)
     path = tmp_path / "unsub.txt"
     path.write_text("USER3@" + df["email"][3].split("@")[1].upper() + "\nuser7@nowhere.example\n")
-    loaded = recipients.load(df.lazy(), suppression=recipients.read_suppression(str(path)))
+    loaded = load(df.lazy(), suppression=recipients.read_suppression(str(path)))
     assert loaded.settled.select("id", "status").rows() == [(3, "suppressed")]
     assert loaded.settled["error"][0] == "address is on the suppression list"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline import generate, storage
+from pipeline import generate, ledger, storage
 from pipeline.campaign import run_campaign
 
 from .conftest import S3_BUCKET, campaign
@@ -49,9 +49,11 @@ def test_run_reads_input_and_suppression_and_writes_ledger_and_report_in_s3(
     rep = run_campaign(config)
 
     keys = _keys(s3, "runs/test/")
-    assert {"runs/test/ledger.parquet", "runs/test/report.json", "runs/test/report.md"} <= keys
+    assert {"runs/test/ledger.parquet/part-00000.parquet", "runs/test/report.json",
+            "runs/test/report.md"} <= keys
+    assert not [k for k in keys if k.startswith("runs/test/ledger/") and k.endswith(".parquet")]
     assert not (tmp_path / "runs").exists()  # nothing went to local disk instead
-    led = pl.from_arrow(storage.read_table(f"s3://{BUCKET}/runs/test/ledger.parquet"))
+    led = ledger.read_ledger(f"s3://{BUCKET}/runs/test")
     assert isinstance(led, pl.DataFrame)
     assert led.height == rows and led["id"].n_unique() == rows
     assert led.filter(pl.col("status") == "suppressed").height == 10

@@ -1,7 +1,7 @@
 """`pipeline.status`: campaign status and export over real ledgers, local and on S3 (moto).
 
 Ledgers are written with the ledger's own writers (LedgerWriter, write_frame,
-consolidate_with_journal), campaign.json as the run writes it. No Ray.
+fold_all), campaign.json as the run writes it. No Ray.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def test_consolidated_ledger_plus_new_parts(tmp_path: Path) -> None:
     _record(w, range(0, 300), ledger.SENT, T0 - 3000)
     _record(w, range(300, 400), ledger.FAILED, T0 - 3000, error="421")
     w.close()
-    ledger.consolidate_with_journal(run_dir)
+    ledger.fold_all(run_dir)
     assert storage.list_files(ledger.ledger_dir(run_dir), ".parquet") == []
     w2 = _writer(run_dir, run="r2")
     _record(w2, range(300, 350), ledger.SENT, T0 - 30)  # failed in run 1, sent in run 2
@@ -250,7 +250,7 @@ def test_status_of_a_campaign_being_written_only_grows(tmp_path: Path) -> None:
                     _record(w, ids, ledger.SENT, time.time())
                 w.flush()
                 if batch % 15 == 14:
-                    ledger.consolidate_with_journal(run_dir)
+                    ledger.fold_all(run_dir)
                 time.sleep(0.005)
             w.close()
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
@@ -292,13 +292,13 @@ def test_a_part_that_vanishes_between_listing_and_reading_is_read_again(
         paths = real_sources(rd)
         listings.append(paths)
         if len(listings) == 1:  # the end of the run folds the parts in right now
-            ledger.consolidate_with_journal(rd)
+            ledger.fold_all(rd)
         return paths
 
     monkeypatch.setattr(ledger_scan, "_sources", consolidating_after_the_first_listing)
     st = status.campaign_status(run_dir, now=T0)
     assert st.counts["sent"] == 50 and len(listings) == 2
-    assert listings[1] == [ledger.ledger_file(run_dir)]
+    assert listings[1] == [ledger.consolidated_file(run_dir, 0)]
 
 
 def test_a_broken_part_is_an_error_after_a_few_attempts(
@@ -307,7 +307,7 @@ def test_a_broken_part_is_an_error_after_a_few_attempts(
     w = _writer(run_dir)
     _record(w, range(10), ledger.SENT, T0)
     w.close()
-    (tmp_path / "broken" / "ledger" / "part-zz.parquet").write_bytes(b"not parquet at all")
+    (tmp_path / "broken" / "ledger" / "00000" / "part-zz.parquet").write_bytes(b"not parquet at all")
     calls: list[str] = []
     real_sources = ledger_scan._sources
     monkeypatch.setattr(ledger_scan, "_sources", lambda rd: calls.append(rd) or real_sources(rd))
@@ -464,7 +464,7 @@ def test_status_and_export_on_s3(s3: Any, tmp_path: Path) -> None:
     runs = f"s3://{BUCKET}/runs"
     run_dir = f"{runs}/spring"
     _finished_campaign(run_dir)
-    ledger.consolidate_with_journal(run_dir)
+    ledger.fold_all(run_dir)
     w = _writer(run_dir, run="r3")  # a later run, still going
     _record(w, range(130, 160), ledger.SENT, T0 - 20)
     w.flush()

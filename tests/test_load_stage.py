@@ -1,0 +1,140 @@
+"""The load on the cluster (load_stage.py running partitions.py's rules as Ray tasks) against
+the plain polars computation of the same rules over the whole list at once
+(tests/reference_load.py): row by row, the same fate, reason and `duplicate_of`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import generate, partitions, recipients
+from pipeline.campaign import run_campaign
+
+from . import reference_load
+from .conftest import campaign, read_ledger
+from .loading import load
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _distributed_fates(loaded: object) -> pl.DataFrame:
+    settled = loaded.settled.select("id", "status", "error", "duplicate_of")  # type: ignore[attr-defined]
+    to_send = loaded.to_send.select("id").with_columns(  # type: ignore[attr-defined]
+        status=pl.lit(None, pl.String), error=pl.lit(None, pl.String),
+        duplicate_of=pl.lit(None, pl.Int64))
+    return pl.concat([settled, to_send]).sort("id")
+
+
+def _dirty(rows: int, seed: int) -> pl.DataFrame:
+    return generate.generate(rows, seed=seed, invalid_fraction=0.08, duplicate_fraction=0.12,
+                             injection_fraction=0.03, intl_fraction=0.05)
+
+
+def _suppression(df: pl.DataFrame, every: int) -> pl.DataFrame:
+    # Upper-cased and padded: the list matches on the trimmed, lower-cased address.
+    emails = [f"  {e.upper()} " for e in df["email"].drop_nulls().to_list()[1::every]]
+    return (pl.DataFrame({"_key": emails}).select(pl.col("_key").str.strip_chars().str.to_lowercase())
+            .unique())
+
+
+@pytest.mark.parametrize(("parts", "row_group"), [(1, 10_000), (4, 700), (13, 333)])
+def test_dirty_file_fates_match_the_plain_computation(parts: int, row_group: int) -> None:
+    df = _dirty(3000, seed=5)
+    keys = _suppression(df, 40)
+    want = reference_load.fates(df, suppression=keys).sort("id")
+    got = _distributed_fates(load(df, suppression=keys, parts=parts, row_group_size=row_group))
+    assert got.rows() == want.rows()
+    assert want["status"].value_counts().height == 4  # invalid, duplicate, suppressed, to send
+
+
+def test_a_run_records_the_same_fates_in_its_ledger(tmp_path: Path) -> None:
+    """End to end: the ledger of a real run holds, for every row settled at load, the fate the
+    plain computation gives; every other row was sent."""
+    df = _dirty(1500, seed=8)
+    path = tmp_path / "dirty.parquet"
+    df.write_parquet(path, row_group_size=200)
+    keys = _suppression(df, 30)
+    unsub = tmp_path / "unsub.txt"
+    unsub.write_text("\n".join(keys["_key"].to_list()) + "\n")
+    rep = run_campaign(campaign(tmp_path, path, suppress=str(unsub)))
+    led = read_ledger(tmp_path).sort("id")
+    want = reference_load.fates(df, suppression=keys).sort("id")
+    assert led["id"].to_list() == want["id"].to_list()
+    got = led.select("id", pl.when(pl.col("status") == "sent").then(None)
+                     .otherwise(pl.col("status")).alias("status"),
+                     pl.when(pl.col("status") == "sent").then(None).otherwise(pl.col("error"))
+                     .alias("error"), "duplicate_of")
+    assert got.rows() == want.rows()
+    assert rep.counts.reconciled and rep.counts.sent == want["status"].null_count()  # type: ignore[union-attr]
+
+
+_LOCALS = st.sampled_from(["ana", "Bo", "c.d", "e+f", "Zoë", "用户", "x_y", "q"])
+_DOMAINS = st.sampled_from(["example.com", "Mail.Example", "bücher.example", "x.org", "nodot"])
+
+
+@st.composite
+def _lists(draw: st.DrawFn) -> tuple[pl.DataFrame, pl.DataFrame]:
+    base = draw(st.lists(st.tuples(_LOCALS, st.integers(0, 40), _DOMAINS), min_size=1, max_size=160))
+    emails: list[str | None] = []
+    for local, n, domain in base:
+        shape = draw(st.sampled_from(["plain", "upper-domain", "padded", "upper-all", "null", "bad"]))
+        address = f"{local}{n}@{domain}"
+        if shape == "upper-domain":
+            address = f"{local}{n}@{domain.upper()}"
+        elif shape == "padded":
+            address = f"  {address}\t"
+        elif shape == "upper-all":
+            address = address.upper()
+        elif shape == "bad":
+            address = address.replace("@", "@@")
+        emails.append(None if shape == "null" else address)
+    ids = draw(st.permutations(list(range(len(emails)))))
+    frame = pl.DataFrame({"id": [i * 7 - 300 for i in ids], "email": emails,
+                          "name": [f"N{i}" for i in range(len(emails))]},
+                         schema={"id": pl.Int64, "email": pl.String, "name": pl.String})
+    picked = draw(st.lists(st.sampled_from([e for e in emails if e] or ["none@x.org"]), max_size=8))
+    keys = (pl.DataFrame({"_key": picked or ["nobody@nowhere.example"]}, schema={"_key": pl.String})
+            .select(pl.col("_key").str.strip_chars().str.to_lowercase()).unique())
+    return frame, keys
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=_lists(), parts=st.integers(1, 9), groups=st.integers(1, 5))
+def test_random_lists_match_the_plain_computation(data: tuple[pl.DataFrame, pl.DataFrame],
+                                                  parts: int, groups: int) -> None:
+    """Planted duplicates differ in case and whitespace; suppressed addresses are picked from the
+    list; ids are shuffled and negative; any number of partitions and row groups."""
+    frame, keys = data
+    got = _distributed_fates(load(frame, suppression=keys, parts=parts,
+                                  row_group_size=max(1, frame.height // groups)))
+    assert got.rows() == reference_load.fates(frame, suppression=keys).sort("id").rows()
+
+
+def test_partition_of_an_address_never_changes() -> None:
+    """The ledger is laid out by these numbers across runs and machines: CRC-32 of the trimmed,
+    lower-cased address. A change here would make a resume look in the wrong partition."""
+    emails = pl.Series(["Ada@Example.com", "ada@example.com", "zoë@bücher.example", None])
+    # crc32(b"ada@example.com") = 0x871CD6A0 = 2266814112
+    assert partitions.part_of(emails, 1000).to_list() == [112, 112, 14, 0]
+
+
+def test_units_are_row_groups_numbered_across_files(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    generate.generate(250, seed=1).write_parquet(folder / "a.parquet", row_group_size=100)
+    generate.generate(40, seed=2).write_parquet(folder / "b.parquet", row_group_size=100)
+    units = recipients.units(str(folder))
+    assert [(Path(u.file).name, u.row_group, u.first_row, u.rows) for u in units] == [
+        ("a.parquet", 0, 0, 100), ("a.parquet", 1, 100, 100), ("a.parquet", 2, 200, 50),
+        ("b.parquet", 0, 250, 40)]
+
+
+def test_partitions_grow_with_the_list_but_stay_few() -> None:
+    assert partitions.partitions_for(0) == 1 and partitions.partitions_for(1000) == 1
+    assert partitions.partitions_for(5_000_000) == 5
+    assert partitions.partitions_for(20_000_000) == 20
+    assert partitions.partitions_for(1_000_000_000) == 253
