@@ -361,6 +361,17 @@ def fold_partition(run_dir: str, part: int, *, write: bool = True) -> tuple[pl.D
     return rows, journal
 
 
+def older_layout(run_dir: str) -> str | None:
+    """The file that shows a ledger written by a bulkmail before the ledger was laid out by
+    partition (one `ledger.parquet` file, parts directly under `ledger/`), else None. Such a
+    ledger is not read by this version: resuming over it would send again."""
+    consolidated = ledger_file(run_dir)
+    if storage.exists(consolidated) and not storage.is_dir(consolidated):
+        return consolidated
+    flat = storage.list_files(ledger_dir(run_dir), ".parquet")
+    return flat[0] if flat else None
+
+
 def fold_all(run_dir: str) -> None:
     """Fold every partition, one after the other, in this process (tests and small tools; a run
     folds its partitions in parallel tasks, ledger_stage.py)."""

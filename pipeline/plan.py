@@ -85,5 +85,11 @@ def plan(config: CampaignConfig, *, hooks: Hooks | None = None) -> Plan:
     if send.sender == "smtp" and not config.dry_run:
         from .sending.smtp import preflight  # password present, CA file exists: before Ray starts
         preflight(send.smtp)
-    return Plan(input=input_path, campaign=name, run_dir=storage.join(config.runs_dir, name),
+    run_dir = storage.join(config.runs_dir, name)
+    older = None if config.restart else ledger.older_layout(run_dir)
+    if older:
+        raise UsageError(f"{older}: this campaign's ledger was written by an earlier bulkmail "
+                         "(one file, not laid out by partition) and is not read by this version; "
+                         "finish the campaign with that version, or start it over with --restart")
+    return Plan(input=input_path, campaign=name, run_dir=run_dir,
                 run_id=ledger.new_run_id(), lazy=lazy, suppression=suppression, send=send)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import polars as pl
+import pytest
 
 from pipeline.compose import Composer
 from pipeline.config import CampaignConfig, MessageConfig, SendConfig
+from pipeline.errors import UsageError
 from pipeline.messages import Message
 from pipeline.plan import DEFAULT_BODY, plan
 
@@ -41,3 +46,19 @@ def test_default_subject_drops_the_name_for_a_list_without_names(tmp_path: Path)
     p = plan(CampaignConfig(input=str(tmp_path / "n.parquet"), runs_dir=str(tmp_path / "runs"),
                             campaign="c"))
     assert p.send.message.subject == "Hello"
+
+
+def test_a_ledger_of_the_older_layout_is_refused_not_resent(tmp_path: Path) -> None:
+    """A campaign begun by a bulkmail whose ledger was one file would, read by this version,
+    look empty, and its recipients would be sent again: refused, naming the file."""
+    from pipeline import generate as gen
+    inp = tmp_path / "in.parquet"
+    gen.generate(10).write_parquet(inp)
+    run_dir = tmp_path / "runs" / "old"
+    run_dir.mkdir(parents=True)
+    pl.DataFrame({"id": [1], "status": ["sent"]}).write_parquet(run_dir / "ledger.parquet")
+    config = CampaignConfig(input=str(inp), runs_dir=str(tmp_path / "runs"), campaign="old")
+    with pytest.raises(UsageError, match=r"ledger\.parquet: this campaign's ledger was written by "
+                                         r"an earlier bulkmail"):
+        plan(config)
+    plan(dataclasses.replace(config, restart=True))  # starting over is allowed
