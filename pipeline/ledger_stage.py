@@ -10,7 +10,9 @@ import ray
 from . import ledger, storage, tally
 
 
-@ray.remote(max_retries=3)
+# Half a CPU: the send stage's actors may still hold theirs while the pool winds down, and a
+# whole-CPU ask then ran the partitions one after the other.
+@ray.remote(num_cpus=0.5, max_retries=3)
 def _fold(run_dir: str, part: int, run_id: str, write: bool) -> tally.Tally:
     rows, journal = ledger.fold_partition(run_dir, part, write=write)
     return tally.summarise(journal, run_id=run_id, ledger=rows)

@@ -17,7 +17,7 @@ machine Ray Data's hash shuffle took 13.6 s for 1M rows and a second one 5.9 s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,19 +72,25 @@ def _map(units: Sequence[recipients.Unit], rules: Rules) -> tuple[Any, ...]:
             MapResult(rows=block.height, null_ids=nulls, first_null_row=first_null))
 
 
-@ray.remote(num_returns=3, max_retries=3)
+@ray.remote(num_returns="streaming", max_retries=3)
 def _settle(part: int, rules: Rules, suppression: pl.Series | None, resume_from: str | None,
-            retry_failed: bool, *pieces: pa.Table) -> tuple[pa.Table, pa.Table, PartitionCounts]:
+            retry_failed: bool, block_rows: int, *pieces: pa.Table) -> Iterator[Any]:
     """One address partition: dedupe, suppression and, reading only this partition's ledger,
-    the resume."""
+    the resume. Yields its PartitionCounts, its settled ledger rows, then its rows to send in
+    blocks of `block_rows` (the send stage's batch: one block goes to one actor at a time)."""
     frames = [_frame(t) for t in pieces if t.num_rows]
     if not frames:
-        return pa.table({}), pa.table({}), PartitionCounts()
+        yield PartitionCounts()
+        yield pa.table({})
+        return
     done = (ledger.done_ids(resume_from, part, retry_failed=retry_failed)
             if resume_from is not None else None)
-    out = partitions.settle(frames, fields=rules.fields, suppression=suppression,
-                            done=done)
-    return out.to_send.to_arrow(), out.settled.to_arrow(), out.summary
+    out = partitions.settle(frames, fields=rules.fields, suppression=suppression, done=done)
+    yield out.summary
+    yield out.settled.to_arrow()
+    table = out.to_send.to_arrow()
+    for start in range(0, table.num_rows, block_rows):
+        yield table.slice(start, block_rows)  # Ray serialises only the slice's rows
 
 
 @ray.remote(max_retries=3)
@@ -107,20 +113,18 @@ class Loaded:
     """The load's outcome on the cluster: counts on the driver, rows in Ray's object store."""
 
     summary: LoadSummary
-    to_send: list[Any]  # ObjectRefs of Arrow tables, one per address partition
+    to_send: list[Any]  # ObjectRefs of Arrow tables: blocks of at most `block_rows` rows
     settled: list[Any]  # ObjectRefs of the ledger rows settled at load, one per partition
+    block_rows: int
 
-    def dataset(self, *, rows_per_block: int) -> Any:
-        """The rows to send as a Ray Dataset cut into blocks of about `rows_per_block`, so that
-        every actor of the pool gets work (one block goes to one actor at a time)."""
-        refs = [r for r, n in zip(self.to_send, self.summary.sizes, strict=True) if n]
-        ds = ray.data.from_arrow_refs(refs)
-        return ds.repartition(target_num_rows_per_block=max(1, rows_per_block))
+    def dataset(self) -> Any:
+        """The rows to send as a Ray Dataset of the blocks the partitions' tasks cut."""
+        return ray.data.from_arrow_refs(self.to_send)
 
 
 def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
          suppression: pl.DataFrame | None, resume_from: str | None,
-         retry_failed: bool = False) -> Loaded:
+         retry_failed: bool = False, block_rows: int = 10_000) -> Loaded:
     """Settle every input row's fate on the cluster. Raises UsageError (one line naming the
     file or column) when a file cannot be read or the ids are unusable; nothing is written
     then, and nothing has been sent."""
@@ -135,8 +139,9 @@ def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
     id_checks = ([_check_ids.remote(*[m[p + q] for m in maps]) for q in range(p)]
                  if rules.has_id else [])
     keys = partitions.split_suppression(suppression, p)
-    settled = [_settle.options(**opts).remote(k, rules, keys[k], resume_from, retry_failed,
-                                              *[m[k] for m in maps]) for k in range(p)]
+    streams = [_settle.options(**opts).remote(k, rules, keys[k], resume_from, retry_failed,
+                                              block_rows, *[m[k] for m in maps])
+               for k in range(p)]
 
     results: list[MapResult] = ray.get([m[-1] for m in maps])
     where = f"--input {source}"
@@ -157,10 +162,11 @@ def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
             f"{where}: column 'id' repeats ({check.repeated:,} ids; e.g. id {id_} on rows "
             f"{r0} and {r1}, with {what}); ids must be unique, or drop the column to number "
             "the rows")
-    counts: list[PartitionCounts] = ray.get([s[2] for s in settled])
+    outputs = [list(stream) for stream in streams]  # each: counts, settled, blocks to send
+    counts: list[PartitionCounts] = ray.get([o[0] for o in outputs])
     summary = partitions.summarise(counts, fields=rules.fields, partitions=p)
-    return Loaded(summary=summary, to_send=[s[0] for s in settled],
-                  settled=[s[1] for s in settled])
+    return Loaded(summary=summary, to_send=[ref for o in outputs for ref in o[2:]],
+                  settled=[o[1] for o in outputs], block_rows=block_rows)
 
 
 def write_settled(loaded: Loaded, *, run_dir: str, run_id: str, epoch: int) -> int:
@@ -180,8 +186,7 @@ def _head(table: pa.Table, n: int) -> pa.Table:
 
 def take(loaded: Loaded, n: int) -> pl.DataFrame:
     """The first `n` rows to send in input order (each partition keeps it), for a dry run."""
-    heads = [_head.remote(ref, n) for ref, size
-             in zip(loaded.to_send, loaded.summary.sizes, strict=True) if size]
+    heads = [_head.remote(ref, n) for ref in loaded.to_send]
     if not heads or n <= 0:
         return pl.DataFrame()
     frames = [_frame(t) for t in ray.get(heads)]

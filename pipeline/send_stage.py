@@ -123,7 +123,7 @@ def send(loaded: Loaded, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
     from .actors import Coordinator, RateLimiter, SendBatches
     send_cfg = job.send
     total = loaded.summary.to_send
-    batch_size = batch_size_for(send_cfg, total)
+    batch_size = loaded.block_rows  # the load cut the blocks to this (batch_size_for)
     calls = calls_per_actor(send_cfg, batch_size)
     coordinator = Coordinator.options(  # type: ignore[attr-defined]
         scheduling_strategy=ray_session.this_node()).remote(
@@ -140,8 +140,7 @@ def send(loaded: Loaded, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
         if r.rate is not None and send_cfg.sender == "smtp"}
 
     with stages.time("partition"):
-        # Blocks of about one batch: one block goes to one actor at a time.
-        ds = loaded.dataset(rows_per_block=batch_size)
+        ds = loaded.dataset()
 
     with stages.time("send"):
         constructor = dict(run_dir=job.run_dir, campaign=job.campaign, run_id=job.run_id,

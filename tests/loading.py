@@ -24,9 +24,10 @@ class Loaded:
     stage: load_stage.Loaded | None = None
 
 
-def _fetch(refs: list, sizes: tuple[int, ...]) -> pl.DataFrame:
+def _fetch(refs: list, sizes: tuple[int, ...] | None = None) -> pl.DataFrame:
     import ray
-    frames = [pl.from_arrow(ray.get(r)) for r, n in zip(refs, sizes, strict=True) if n]
+    frames = [pl.from_arrow(ray.get(r)) for r, n in zip(refs, sizes or [1] * len(refs), strict=True)
+              if n]
     if not frames:
         return pl.DataFrame()
     return pl.concat(frames, how="vertical_relaxed").sort("_row")
@@ -35,7 +36,8 @@ def _fetch(refs: list, sizes: tuple[int, ...]) -> pl.DataFrame:
 def load(data: pl.DataFrame | pl.LazyFrame | str | Path, *,
          suppression: pl.DataFrame | None = None, header_fields: tuple[str, ...] = ("name",),
          source: str | None = None, parts: int = 3, row_group_size: int | None = None,
-         resume_from: str | None = None, retry_failed: bool = False) -> Loaded:
+         resume_from: str | None = None, retry_failed: bool = False,
+         block_rows: int = 97) -> Loaded:
     """Needs the session's Ray (the `ray_session` fixture)."""
     if isinstance(data, (pl.DataFrame, pl.LazyFrame)):
         frame = data.collect() if isinstance(data, pl.LazyFrame) else data
@@ -49,9 +51,9 @@ def load(data: pl.DataFrame | pl.LazyFrame | str | Path, *,
                              partitions=parts)
     out = load_stage.load(recipients.units(path), rules=rules, source=source or path,
                           suppression=suppression, resume_from=resume_from,
-                          retry_failed=retry_failed)
+                          retry_failed=retry_failed, block_rows=block_rows)
     s = out.summary
-    to_send = _fetch(out.to_send, s.sizes)
+    to_send = _fetch(out.to_send)
     settled = _fetch(out.settled, s.settled_sizes)
     return Loaded(
         to_send=to_send.drop("_part", "_row") if to_send.width else

@@ -133,8 +133,18 @@ def test_units_are_row_groups_numbered_across_files(tmp_path: Path) -> None:
         ("b.parquet", 0, 250, 40)]
 
 
+def test_rows_to_send_come_in_blocks_of_a_batch() -> None:
+    out = load(_dirty(2000, seed=2), parts=3, block_rows=150).stage
+    assert out is not None
+    import ray
+    sizes = [ray.get(r).num_rows for r in out.to_send]
+    assert max(sizes) <= 150 and sum(sizes) == out.summary.to_send
+    assert len(sizes) >= out.summary.to_send // 150
+
+
 def test_partitions_grow_with_the_list_but_stay_few() -> None:
     assert partitions.partitions_for(0) == 1 and partitions.partitions_for(1000) == 1
-    assert partitions.partitions_for(5_000_000) == 5
-    assert partitions.partitions_for(20_000_000) == 20
-    assert partitions.partitions_for(1_000_000_000) == 253
+    assert partitions.partitions_for(1_000_000) == 2
+    assert partitions.partitions_for(5_000_000) == 10
+    assert partitions.partitions_for(20_000_000) == 40
+    assert partitions.partitions_for(1_000_000_000) == 358
