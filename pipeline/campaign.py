@@ -82,7 +82,11 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
             loaded = load_stage.load(units, rules=rules, source=p.input,
                                      suppression=p.suppression,
                                      resume_from=None if config.restart else p.run_dir,
-                                     retry_failed=config.retry_failed)
+                                     retry_failed=config.retry_failed,
+                                     # Sized from the input's rows (the rows to send are known
+                                     # only once the load has run): one block, one batch.
+                                     block_rows=send_stage.batch_size_for(
+                                         send, sum(u.rows for u in units)))
             if config.restart:  # only now that the input has loaded cleanly
                 ledger.reset(p.run_dir)
             storage.makedirs(p.run_dir)
@@ -187,7 +191,8 @@ def _dry_run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[reci
     with _ray(config, send, hooks, stages), stages.time("load"):
         loaded = load_stage.load(units, rules=rules, source=p.input, suppression=p.suppression,
                                  resume_from=None if config.restart else p.run_dir,
-                                 retry_failed=config.retry_failed)
+                                 retry_failed=config.retry_failed,
+                                 block_rows=max(1, config.dry_run or 1))
         head = load_stage.take(loaded, config.dry_run or 0)
     with stages.time("render"):
         written = write_dry_run(head, p.run_dir, p.campaign, send)

@@ -124,7 +124,7 @@ class Loaded:
 
 def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
          suppression: pl.DataFrame | None, resume_from: str | None,
-         retry_failed: bool = False, block_rows: int = 10_000) -> Loaded:
+         block_rows: int, retry_failed: bool = False) -> Loaded:
     """Settle every input row's fate on the cluster. Raises UsageError (one line naming the
     file or column) when a file cannot be read or the ids are unusable; nothing is written
     then, and nothing has been sent."""

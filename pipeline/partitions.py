@@ -25,6 +25,7 @@ import polars as pl
 from . import addresses
 from .ledger import DUPLICATE, INVALID, SUPPRESSED
 from .messages import HEADER_UNSAFE_POLARS
+from .recipients import is_text
 
 PART = "_part"
 # A partition's rows meet in one task (about 0.3 GB for 500,000 rows at most); two partitions
@@ -52,10 +53,6 @@ def part_of(emails: pl.Series, partitions: int) -> pl.Series:
     lowered = emails.str.to_lowercase().to_list()
     return pl.Series(PART, [0 if e is None else crc(e.encode()) % partitions for e in lowered],
                      dtype=pl.Int32)
-
-
-def _is_text(dtype: pl.DataType) -> bool:
-    return dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum)
 
 
 def header_unsafe(columns: Sequence[str]) -> pl.Expr:
@@ -88,7 +85,7 @@ class Rules:
     def unsafe_columns(self) -> list[str]:
         # Only text can carry a raw line break: other types render through repr() (escaped).
         return [c for c in dict.fromkeys(self.header_fields)
-                if c in self.fields and _is_text(self.schema[c]) and self.schema[c] != pl.Null]
+                if c in self.fields and is_text(self.schema[c]) and self.schema[c] != pl.Null]
 
 
 def user_schema(schema: pl.Schema) -> dict[str, pl.DataType]:

@@ -52,7 +52,7 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return (text or type(exc).__name__)[:limit]
 
 
-def _is_text(dtype: pl.DataType) -> bool:
+def is_text(dtype: pl.DataType) -> bool:
     return dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum)
 
 
@@ -72,7 +72,7 @@ def _scan_one(f: str) -> pl.LazyFrame:
     if "email" not in schema:
         found = ", ".join(schema.names()) or "none"
         raise UsageError(f"--input {f}: no 'email' column (columns found: {found})")
-    if not _is_text(schema["email"]):
+    if not is_text(schema["email"]):
         raise UsageError(f"--input {f}: column 'email' must be text, found {schema['email']}")
     if "id" in schema and not (schema["id"].is_integer() or schema["id"] == pl.Null):
         raise UsageError(f"--input {f}: column 'id' must be an integer, found {schema['id']}")
@@ -164,7 +164,7 @@ def read_suppression(path: str) -> pl.DataFrame:
         if "email" not in frame.columns:
             raise UsageError(f"--suppress {path}: no 'email' column (columns found: "
                              f"{', '.join(frame.columns) or 'none'})")
-        if not _is_text(frame.schema["email"]):
+        if not is_text(frame.schema["email"]):
             raise UsageError(f"--suppress {path}: column 'email' must be text, "
                              f"found {frame.schema['email']}")
         emails = frame.get_column("email").cast(pl.String)
