@@ -192,7 +192,7 @@ def _dry_run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[reci
         loaded = load_stage.load(units, rules=rules, source=p.input, suppression=p.suppression,
                                  resume_from=None if config.restart else p.run_dir,
                                  retry_failed=config.retry_failed,
-                                 block_rows=max(1, config.dry_run or 1))
+                                 block_rows=partitions.ROWS_PER_PARTITION)  # one block a partition
         head = load_stage.take(loaded, config.dry_run or 0)
     with stages.time("render"):
         written = write_dry_run(head, p.run_dir, p.campaign, send)
