@@ -99,11 +99,11 @@ def _check_ids(*pieces: pa.Table) -> IdCheck:
 
 
 @ray.remote(max_retries=3)
-def _write_settled(run_dir: str, table: pa.Table, name: str, epoch: int) -> int:
+def _write_settled(run_dir: str, table: pa.Table, run_id: str, epoch: int) -> int:
     if table.num_rows == 0:
         return 0
-    frame = _frame(table).with_columns(run=pl.lit(name.removeprefix("load-")),
-                                       epoch=pl.lit(epoch, pl.Int64))
+    name = f"load-{run_id}"
+    frame = _frame(table).with_columns(run=pl.lit(run_id), epoch=pl.lit(epoch, pl.Int64))
     ledger.write_frame(run_dir, frame, name=name)
     return int(table.num_rows)
 
@@ -171,10 +171,9 @@ def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
 
 def write_settled(loaded: Loaded, *, run_dir: str, run_id: str, epoch: int) -> int:
     """Write the rows settled at load into the ledger, one task per partition."""
-    name = f"load-{run_id}"
     env = storage.runtime_env(run_dir)
     task = _write_settled.options(runtime_env=env) if env else _write_settled
-    return sum(ray.get([task.remote(run_dir, ref, name, epoch)
+    return sum(ray.get([task.remote(run_dir, ref, run_id, epoch)
                         for ref, n in zip(loaded.settled, loaded.summary.settled_sizes,
                                           strict=True) if n]))
 
