@@ -101,7 +101,7 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
             hooks.info(f"resuming campaign {p.campaign}: {summary.already_done:,} recipients "
                        "already done are skipped")
         hooks.info(f"{p.campaign}: sending {summary.to_send:,} of {summary.input_rows:,} rows · "
-                   f"{_shape(config)} · {p.run_dir}")
+                   f"{_shape(config)} · {storage.shown(p.run_dir)}")
 
         outcome = None
         if summary.to_send:
@@ -196,7 +196,8 @@ def _dry_run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[reci
         head = load_stage.take(loaded, config.dry_run or 0)
     with stages.time("render"):
         written = write_dry_run(head, p.run_dir, p.campaign, send)
-    hooks.info(f"dry run: wrote {written} .eml files under {storage.join(p.run_dir, 'dry-run')}")
+    where = storage.shown(storage.join(p.run_dir, "dry-run"))
+    hooks.info(f"dry run: wrote {written} .eml files under {where}")
     return report.build_dry_run(campaign=p.campaign, run_dir=p.run_dir, loaded=loaded.summary,
                                 stages=stages.seconds, written=written)
 

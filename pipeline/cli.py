@@ -22,6 +22,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from . import storage
 from .console import Console, ProgressPrinter
 from .errors import BulkmailError, CampaignInterrupted, UsageError
 from .flags import EXIT_USAGE, Parser, build_parser, config_from_args
@@ -110,16 +111,10 @@ def _summary(rep: Any, console: Console) -> None:
     for k, v in rows:
         console.line(f"  {k:<{width}}  {v}")
     console.line("")
-    console.line(f"  ledger: {rep.run_dir}/ledger.parquet")
-    console.line(f"  report: {rep.run_dir}/report.md")
+    console.line(f"  ledger: {storage.shown(rep.run_dir)}/ledger.parquet")
+    console.line(f"  report: {storage.shown(rep.run_dir)}/report.md")
     if rep.log_file:
-        console.line(f"  Ray's log: {_short(rep.log_file)}")
-
-
-def _short(path: str) -> str:
-    """`path` relative to the working directory when it lies below it (shorter lines)."""
-    rel = os.path.relpath(path) if os.path.isabs(path) else path
-    return path if rel.startswith("..") else rel
+        console.line(f"  Ray's log: {storage.shown(rep.log_file)}")
 
 
 def _install_signals(stop: threading.Event, console: Console) -> None:

@@ -69,7 +69,12 @@ def _resolve_message(send: SendConfig, columns: list[str]) -> SendConfig:
         message = dataclasses.replace(message, subject="Hello")
     if send.sender == "smtp" and message.template is None and message.body is None:
         message = dataclasses.replace(message, body=DEFAULT_BODY)
-    return dataclasses.replace(send, message=message)
+    # The files sender actors open themselves, as they find them wherever they run.
+    smtp = send.smtp
+    if smtp.ca_file:
+        smtp = dataclasses.replace(smtp, ca_file=storage.absolute(smtp.ca_file))
+    send_log = storage.absolute(send.send_log) if send.send_log else None
+    return dataclasses.replace(send, message=message, smtp=smtp, send_log=send_log)
 
 
 def plan(config: CampaignConfig, *, hooks: Hooks | None = None) -> Plan:
@@ -85,7 +90,7 @@ def plan(config: CampaignConfig, *, hooks: Hooks | None = None) -> Plan:
     if send.sender == "smtp" and not config.dry_run:
         from .sending.smtp import preflight  # password present, CA file exists: before Ray starts
         preflight(send.smtp)
-    run_dir = storage.join(config.runs_dir, name)
+    run_dir = storage.join(storage.absolute(config.runs_dir), name)
     older = None if config.restart else ledger.older_layout(run_dir)
     if older:
         raise UsageError(f"{older}: this campaign's ledger was written by an earlier bulkmail "

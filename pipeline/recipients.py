@@ -113,7 +113,8 @@ def _parquet_file(f: str) -> Any:
 
 
 def units(path: str) -> list[Unit]:
-    """The input's row groups, from the Parquet footers only (the driver reads no rows)."""
+    """The input's row groups, from the Parquet footers only (the driver reads no rows). Their
+    files are named as load tasks find them wherever they run (absolute local paths)."""
     out: list[Unit] = []
     first = 0
     for f in _input_files(path):
@@ -124,7 +125,7 @@ def units(path: str) -> list[Unit]:
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
             if rows:
-                out.append(Unit(file=f, row_group=g, first_row=first, rows=rows))
+                out.append(Unit(file=storage.absolute(f), row_group=g, first_row=first, rows=rows))
             first += rows
     return out
 

@@ -28,6 +28,21 @@ def is_local(path: str) -> bool:
     return not is_uri(path) or path.startswith("file://")
 
 
+def absolute(path: str) -> str:
+    """`path` as a task or actor reads it: a local path made absolute against this process's
+    directory (a joined cluster's workers run in the directory its `ray start` ran in), a URI
+    as it is."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def shown(path: str) -> str:
+    """`path` for the console: relative to the working directory when it lies below it."""
+    if is_uri(path) or not os.path.isabs(path):
+        return path
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for part in parts:
