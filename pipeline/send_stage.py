@@ -95,15 +95,20 @@ def batch_size_for(send: SendConfig, rows: int) -> int:
         # one second of the actor's share of the rate hides them.
         share = math.ceil(rate / send.actors)
         return max(1, min(per_actor_share, max(send.concurrency, share)))
+    # Each call costs Ray Data tens of ms to dispatch on a loaded machine, plus a coordinator
+    # round trip and a ledger hand-off: not below 1,000 rows (or the share). Batches of one
+    # pool (10 rows at 2 × 10 threads, 0.05 s) kept a 3,000-row run at half its ideal rate.
+    floor = 1000
     if send.mode == "async":
         # Tens of thousands of workers per actor: a batch of the whole pool drains it at every
         # batch boundary (the next batch only arrives once the last email of the previous one
         # is recorded), so the pool is fed in quarters, with more calls in flight (_calls).
-        # Not below 1,000 rows (or the pool, if smaller): each call takes Ray Data tens of ms
-        # to dispatch, and quarters of a small pool slowed its start (88% of ideal at 2 × 50).
-        quarter = max(math.ceil(send.concurrency / 4), min(send.concurrency, 1000))
-        return max(1, min(quarter, per_actor_share))
-    return max(1, min(send.concurrency, per_actor_share))
+        # Quarters of a small pool slowed its start (88% of ideal at 2 × 50).
+        return max(1, min(max(math.ceil(send.concurrency / 4), min(send.concurrency, floor)),
+                          per_actor_share))
+    # Threads: two calls in flight per actor, each at least a pool, queue in the one engine,
+    # so the pool stays full across a batch's tail.
+    return max(1, min(max(send.concurrency, floor), per_actor_share))
 
 
 def calls_per_actor(send: SendConfig, batch_size: int) -> int:
@@ -125,9 +130,9 @@ def send(loaded: Loaded, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
     total = loaded.summary.to_send
     batch_size = loaded.block_rows  # the load cut the blocks to this (batch_size_for)
     calls = calls_per_actor(send_cfg, batch_size)
+    valid_until = lease.valid_until if lease is not None else None
     coordinator = Coordinator.options(  # type: ignore[attr-defined]
-        scheduling_strategy=ray_session.this_node()).remote(
-            lease.valid_until if lease is not None else None)
+        scheduling_strategy=ray_session.this_node()).remote(valid_until)
     # One schedule of send slots for every actor on every node (sending/ratelimit.py).
     rate_limiter = None
     if send_cfg.rate is not None:
@@ -139,26 +144,48 @@ def send(loaded: Loaded, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
         for r in send_cfg.smtp.effective_relays
         if r.rate is not None and send_cfg.sender == "smtp"}
 
-    with stages.time("partition"):
-        ds = loaded.dataset()
+    stage_over = threading.Event()
+    if lease is not None and valid_until is not None:
+        threading.Thread(target=_keep_deadline, args=(coordinator, lease, valid_until, stage_over),
+                         name="lease-deadline", daemon=True).start()
+    try:
+        with stages.time("partition"):
+            ds = loaded.dataset()
 
-    with stages.time("send"):
-        constructor = dict(run_dir=job.run_dir, campaign=job.campaign, run_id=job.run_id,
-                           epoch=job.epoch, config=send_cfg, coordinator=coordinator,
-                           fields=job.fields, rate_limiter=rate_limiter,
-                           relay_limiters=relay_limiters)
-        out = ds.map_batches(SendBatches.for_campaign(job.campaign), **SendBatches.map_batches_kwargs(
-            send_cfg, batch_size=batch_size, calls=calls, constructor=constructor,
-            runtime_env=storage.runtime_env(job.run_dir)))
-        follow = _Follow(out, total, coordinator, hooks, send_cfg, lease)
-        totals, interrupted = follow.run()
-        ray_stats = () if interrupted else tuple(_stats(out))
+        with stages.time("send"):
+            constructor = dict(run_dir=job.run_dir, campaign=job.campaign, run_id=job.run_id,
+                               epoch=job.epoch, config=send_cfg, coordinator=coordinator,
+                               fields=job.fields, rate_limiter=rate_limiter,
+                               relay_limiters=relay_limiters)
+            out = ds.map_batches(SendBatches.for_campaign(job.campaign),
+                                 **SendBatches.map_batches_kwargs(
+                                     send_cfg, batch_size=batch_size, calls=calls,
+                                     constructor=constructor,
+                                     runtime_env=storage.runtime_env(job.run_dir)))
+            follow = _Follow(out, total, coordinator, hooks, send_cfg, lease)
+            totals, interrupted = follow.run()
+            ray_stats = () if interrupted else tuple(_stats(out))
+    finally:
+        stage_over.set()
     if config.timeline:
         ray.timeline(filename=config.timeline)
         hooks.info(f"timeline written to {config.timeline} (open in chrome://tracing or "
                    "https://ui.perfetto.dev)")
     return SendOutcome(totals=totals, batch_size=batch_size, interrupted=interrupted,
                        lease_lost=follow.lease_lost, ray_stats=ray_stats)
+
+
+def _keep_deadline(coordinator: Any, lease: LeaseView, pushed: float,
+                   stage_over: threading.Event) -> None:
+    """Hands each renewal of the lease to the coordinator for as long as the stage runs. The
+    actors stop once its deadline passes, so it must stay current from the coordinator's start,
+    through the cutting of the blocks and the actors' start (together 7-9 s on a busy 2-core
+    machine, more than the 7.5 s a 10 s lease is trusted for), not only while results come.
+    `pushed`: the deadline the coordinator was created with."""
+    while not stage_over.wait(POLL):
+        if lease.valid_until != pushed:
+            pushed = lease.valid_until
+            coordinator.extend.remote(pushed)
 
 
 class _Follow:
@@ -200,7 +227,6 @@ class _Follow:
         feeder.start()
         deadline: float | None = None  # set once stopping
         last_emit = 0.0
-        valid_until = self.lease.valid_until if self.lease is not None else None
         try:
             while True:
                 try:
@@ -217,12 +243,8 @@ class _Follow:
                     for k in ("sent", "failed", "abandoned", "retries", "crashed", "skipped"):
                         self.counts[k] += int(pa.compute.sum(item.column(k)).as_py() or 0)
                 now = time.perf_counter()
-                if self.lease is not None:
-                    if self.lease.lost:
-                        self.lease_lost = True
-                    elif self.lease.valid_until != valid_until:
-                        valid_until = self.lease.valid_until
-                        self.coordinator.extend.remote(valid_until)
+                if self.lease is not None and self.lease.lost:
+                    self.lease_lost = True
                 if deadline is None and (self.hooks.stop.is_set() or self.lease_lost):
                     self.coordinator.stop.remote()
                     deadline = now + self.send.stop_timeout
@@ -239,7 +261,9 @@ class _Follow:
         if self.hooks.on_progress:
             self.hooks.on_progress(self._progress(time.perf_counter(), t0, deadline is not None))
         totals = Totals(**{f.name: self.counts[f.name] for f in dataclasses.fields(Totals)})
-        return totals, deadline is not None or self.hooks.stop.is_set()
+        # Batches left unstarted without a stop asked for: the coordinator saw the lease's
+        # deadline pass (this process was paused past it). The run did not finish either.
+        return totals, deadline is not None or self.hooks.stop.is_set() or totals.abandoned > 0
 
     def _quiet(self) -> bool:
         """No batch is sending any more: each one that started has flushed its ledger rows."""

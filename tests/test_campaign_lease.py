@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -141,6 +142,45 @@ def test_paused_holder_whose_lease_was_taken_stops_and_exits_nonzero(tmp_path: P
     sends = send_log(log)
     assert set(sends.to_list()) == set(range(rows))
     assert len(sends) - rows <= repeat_bound(2, 10, 0.05)
+
+
+def test_paused_past_its_lease_with_no_taker_does_not_call_the_campaign_finished(
+        tmp_path: Path) -> None:
+    # The senders stop once the deadline passes and never start again (a taker may have come
+    # and gone): the rows they left are for a resume, and the run must say it stopped.
+    rows, ttl = 3000, 2.0
+    proc, log, args = launch(tmp_path, rows, "--lease-ttl", str(ttl))
+    wait_for_sends(log, 500, proc)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(ttl + 1.5)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Resume with" in err and "Traceback" not in err
+    manifest = json.loads((tmp_path / "runs/c/campaign.json").read_text())
+    assert manifest["state"] == "stopped"
+    assert len(send_log(log)) < rows
+    done = cli(*args, cwd=tmp_path, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert_exactly_once(tmp_path, rows)
+    assert set(send_log(log).to_list()) == set(range(rows))
+
+
+def test_a_lease_shorter_than_the_start_of_the_send_stage_still_sends_everything(
+        tmp_path: Path) -> None:
+    # Trusted for 0.75 s: cutting the blocks and starting the actors take longer, so the
+    # coordinator must get the renewals before the first result comes back too.
+    rows = 600
+    write_recipients(tmp_path / "in.parquet", rows)
+    log = tmp_path / "sends.log"
+    done = cli(*common_args(log, "--actors", "2", "--threads-per-actor", "5", "--latency", "0.01",
+                            "--lease-ttl", "1"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\s+not sent \(stopped\)\s+0$", done.stdout, re.M), done.stdout
+    assert_exactly_once(tmp_path, rows)
+    assert len(send_log(log)) == rows
 
 
 def test_sigint_at_full_concurrency_exits_in_seconds_and_resumes_once(tmp_path: Path) -> None:
