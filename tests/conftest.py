@@ -23,21 +23,54 @@ ROOT = Path(__file__).resolve().parent.parent
 # 127.0.0.1 only, not the machine's primary interface. Read by Ray at import time.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+# Token authentication on, as a CLI run's own Ray has it (ray_session.prepare_import): CLI runs
+# joining the session's Ray must present the token (~/.ray/auth_token), which they do only when
+# told the mode; it also keeps Ray from warning that it turned the mode on.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 # Keep Ray's temp files short and private to the test run.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """Ray starts once per session (3-5 s each time on this machine, docs/ray-notes.md)."""
+def _start_ray() -> None:
+    """This process starts the session's one local Ray (3-9 s each time on this machine,
+    docs/ray-notes.md); tests use it in-process and CLI runs join it (`shared_ray_address`)."""
     import ray
-    # 8 logical CPUs on 2 cores: sender actors are I/O-bound and ask for 0.25 each.
+    if ray.is_initialized():
+        return
+    # 4 logical CPUs on 2 cores: sender actors are I/O-bound and ask for 0.25 each (8 of them
+    # and Ray Data's tasks fit). Not more: a joined run's `from_arrow_refs` runs one metadata
+    # task per block at once, each without a worker of its own starts one (1-2 s each on 2
+    # cores); at 8 CPUs that stage took a 3,000-row run 5-6 s, at 4 CPUs 2.2-2.6 s.
     # address="local": without it ray.init joins a Ray already running here (another run's).
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
+    # The system settings are the ones a CLI run gives the Ray it starts (ray_session.start).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,
+             _system_config={"idle_worker_killing_time_threshold_ms": 60_000,
+                             "enable_metrics_collection": False})
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
+
+
+def shared_ray_address() -> str:
+    """The session's Ray, for CLI runs to join (`--address`): a run that starts its own Ray
+    spends 9-11 s of a 2-core machine on starting and stopping it (measured: a 3,000-row run
+    took 40-44 s alone, 23 s joined). Tests about Ray's own start, logs or nodes start their own."""
+    import ray
+    _start_ray()
+    return str(ray.get_runtime_context().gcs_address)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    _start_ray()
     yield
-    ray.shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import sys as _sys
+    if "ray" in _sys.modules:
+        import ray
+        ray.shutdown()
 
 
 def write_recipients(path: Path, rows: int, **kwargs: Any) -> Path:
@@ -63,13 +96,22 @@ def campaign(tmp_path: Path, input_path: Path | str, **send: Any) -> CampaignCon
                           send=SendConfig(**opts), **top)
 
 
-def cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
-        timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a fresh process."""
+def cli_env(env: dict[str, str] | None, own_ray: bool | None) -> dict[str, str]:
+    """The environment of a CLI run: it joins the session's Ray unless `own_ray`, or unless it
+    is given variables of its own (`env`), which only reach the senders of a Ray it starts."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    if not (bool(env) if own_ray is None else own_ray):
+        full_env["RAY_ADDRESS"] = shared_ray_address()
+    return full_env
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, own_ray: bool | None = None,
+        timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd,
+                          env=cli_env(env, own_ray), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_ledger(tmp_path: Path, name: str = "test") -> pl.DataFrame:

@@ -149,7 +149,7 @@ def test_paused_past_its_lease_with_no_taker_does_not_call_the_campaign_finished
     # The senders stop once the deadline passes and never start again (a taker may have come
     # and gone): the rows they left are for a resume, and the run must say it stopped.
     rows, ttl = 3000, 2.0
-    proc, log, args = launch(tmp_path, rows, "--lease-ttl", str(ttl))
+    proc, log, _ = launch(tmp_path, rows, "--lease-ttl", str(ttl))
     wait_for_sends(log, 500, proc)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
@@ -161,11 +161,13 @@ def test_paused_past_its_lease_with_no_taker_does_not_call_the_campaign_finished
     assert "Resume with" in err and "Traceback" not in err
     manifest = json.loads((tmp_path / "runs/c/campaign.json").read_text())
     assert manifest["state"] == "stopped"
-    assert len(send_log(log)) < rows
-    done = cli(*args, cwd=tmp_path, timeout=240)
-    assert done.returncode == 0, done.stderr
-    assert_exactly_once(tmp_path, rows)
-    assert set(send_log(log).to_list()) == set(range(rows))
+    # What it sent is what its ledger holds, once each: a resume (tested after a Ctrl-C in
+    # test_faults.py) sends exactly the rest.
+    partial = pl.read_parquet(tmp_path / "runs/c/ledger.parquet")
+    assert 0 < partial.height < rows and partial["id"].is_unique().all()
+    assert (partial["status"] == "sent").all()
+    sends = send_log(log)
+    assert len(sends) == partial.height and set(sends.to_list()) == set(partial["id"].to_list())
 
 
 def test_a_lease_shorter_than_the_start_of_the_send_stage_still_sends_everything(

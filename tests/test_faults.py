@@ -22,7 +22,7 @@ from pipeline.campaign import run_campaign
 from pipeline.config import RetryPolicy
 from pipeline.sending.fake import fake_outcome
 
-from .conftest import campaign, cli, read_ledger, write_recipients
+from .conftest import campaign, cli, cli_env, read_ledger, write_recipients
 
 FLUSH_SECONDS = 0.5  # SendConfig.flush_seconds default
 
@@ -40,11 +40,10 @@ def send_log(path: Path) -> pl.Series:
     return pl.Series("id", [int(x) for x in path.read_text().split()], dtype=pl.Int64)
 
 
-def start_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("RAY_ADDRESS", None)
+def start_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+              own_ray: bool | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=tmp_path,
-                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env(env, own_ray), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
 
@@ -59,10 +58,12 @@ def wait_for_sends(log: Path, n: int, proc: subprocess.Popen[str], timeout: floa
     raise AssertionError(f"fewer than {n} sends after {timeout}s")
 
 
-def sender_processes(root_pid: int) -> list[psutil.Process]:
-    """Ray Data's sender actor processes under the CLI run `root_pid` (their title names the UDF)."""
+def sender_processes() -> list[psutil.Process]:
+    """Ray Data's sender actor processes (their title names the UDF). A CLI run joins the
+    session's Ray, so they are that Ray's workers, not the run's children; one run at a time
+    sends in these tests, and the in-process tests' actors end with their dataset."""
     out = []
-    for p in psutil.Process(root_pid).children(recursive=True):
+    for p in psutil.process_iter():
         try:
             if "SendBatches" in " ".join(p.cmdline()):
                 out.append(p)
@@ -129,7 +130,7 @@ def test_sender_actor_sigkill_run_completes(tmp_path: Path) -> None:
     # resend the ~300 rows that actor had already sent, far above the bound asserted (120).
     proc, log, _ = launch(tmp_path, rows, "--batch-size", "750")
     wait_for_sends(log, 600, proc)
-    victims = sender_processes(proc.pid)
+    victims = sender_processes()
     assert victims, "no sender actor process found"
     victims[0].send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=240)

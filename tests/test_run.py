@@ -1,4 +1,5 @@
-"""The command line as a user runs it: a real process, its own local Ray, real files."""
+"""The command line as a user runs it: a real process on the session's Ray, real files (the
+printed dashboard access is tested with a Ray of the run's own in test_console.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ from pipeline.flags import build_parser
 from .conftest import cli, write_recipients
 
 
-def test_cli_run_prints_dashboard_progress_summary_and_writes_timeline(tmp_path: Path) -> None:
+def test_cli_run_prints_progress_summary_and_writes_timeline(tmp_path: Path) -> None:
     write_recipients(tmp_path / "in.parquet", 1200)
     done = cli("--input", "in.parquet", "--actors", "2", "--threads-per-actor", "10",
                "--latency", "0.02", "--campaign", "cli", "--timeline", "trace.json",
                "--progress-every", "0.5", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert re.search(r"Ray dashboard: http://\S+:\d+", out), out
     # stdout is a pipe, not a TTY: progress comes as timestamped log lines, no carriage returns.
     progress = [ln for ln in out.splitlines() if re.match(r"\[\d\d:\d\d:\d\d\] sent ", ln)]
     assert progress and "\r" not in out
