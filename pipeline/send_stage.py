@@ -192,9 +192,9 @@ def _keep_deadline(coordinator: Any, lease: LeaseView, pushed: float,
 
 class _Follow:
     """Follows the send stage from the driver: sums the per-batch summaries for progress,
-    notices a lost lease (`_keep_deadline` keeps the coordinator's deadline current), and on a stop lets the sends in flight
-    finish (bounded by --stop-timeout), then leaves every batch not started for the resume
-    instead of walking it through the actors."""
+    notices a lost lease (`_keep_deadline` keeps the coordinator's deadline current), and on a
+    stop lets the sends in flight finish (bounded by --stop-timeout), then leaves every batch
+    not started for the resume instead of walking it through the actors."""
 
     def __init__(self, out: Any, total: int, coordinator: Any, hooks: Hooks, send: SendConfig,
                  lease: LeaseView | None) -> None:
