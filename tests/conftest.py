@@ -67,8 +67,7 @@ def ray_session() -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    import sys as _sys
-    if "ray" in _sys.modules:
+    if "ray" in sys.modules:
         import ray
         ray.shutdown()
 

@@ -22,7 +22,7 @@ import pytest
 from pipeline.console import fit, progress_fields
 from pipeline.hooks import Progress
 
-from .conftest import write_recipients
+from .conftest import cli_env, write_recipients
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 NOISE = ("WARNING", "INFO", "Deprecat", "core_worker", "raylet")
@@ -32,8 +32,7 @@ def run_in_pty(args: list[str], cwd: Path, columns: int = 100, timeout: float = 
     """Run the CLI with its stdout and stderr on a pseudo-terminal `columns` wide."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
-    env = {**os.environ, "COLUMNS": str(columns)}
-    env.pop("RAY_ADDRESS", None)
+    env = cli_env({"COLUMNS": str(columns)}, own_ray=True)  # a Ray of its own: its logs, its console
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", *args], cwd=cwd, env=env,
                             stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
@@ -99,8 +98,7 @@ def test_console_in_a_100_column_terminal_is_quiet_and_fits(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_dashboard_api_answers_with_the_printed_access(tmp_path: Path) -> None:
     write_recipients(tmp_path / "in.parquet", 4000)
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
+    env = cli_env(None, own_ray=True)  # a Ray of its own, with its dashboard
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.run", "--input", "in.parquet",
                              "--campaign", "dash", "--actors", "2", "--threads-per-actor", "10",
                              "--latency", "0.05", "--no-charts", "--progress-every", "1"],
