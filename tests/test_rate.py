@@ -23,6 +23,7 @@ from pipeline.sending.ratelimit import SlotLimiter, SlotSchedule, estimate_offse
 from pipeline.sending.threads import ThreadEngine
 
 from .conftest import campaign, read_ledger, run_then_stop, write_recipients
+from .pacing import all_sending, check_paced, per_second
 
 
 def test_schedule_grants_each_slot_once_spaced_and_ahead() -> None:
@@ -66,12 +67,6 @@ def test_clock_offset_to_the_schedule_is_measured() -> None:
         now[0] += d / 2
         return answer
     assert estimate_offset(remote_now, clock=local) == pytest.approx(5.0, abs=0.001)
-
-
-def _starts_per_window(starts: list[float]) -> list[int]:
-    t0 = starts[0]
-    full = int(starts[-1] - t0)
-    return [sum(1 for t in starts if t0 + i <= t < t0 + i + 1) for i in range(1, full)]
 
 
 def test_limiter_paces_threads_and_coroutines_of_several_actors() -> None:
@@ -122,9 +117,8 @@ def test_limiter_paces_threads_and_coroutines_of_several_actors() -> None:
         t.join()
     starts.sort()
     assert len(starts) == 40 * 30 + 20 * 30
-    windows = _starts_per_window(starts)
+    windows = check_paced(starts, 400)
     assert len(windows) >= 3
-    assert all(360 <= w <= 440 for w in windows), f"per-second counts {windows}"
     # Slots come in chunks: far fewer round trips than emails.
     assert calls[0] < len(starts) / 5
 
@@ -169,9 +163,7 @@ def test_stop_abandons_messages_waiting_for_a_slot_instead_of_sending_them(
 
 def _check_rate(led: pl.DataFrame, rate: float) -> list[int]:
     starts = sorted(t.timestamp() for t in led["started_at"].to_list())
-    windows = _starts_per_window(starts)
-    low, high = rate * 0.9, rate * 1.1
-    assert all(low <= w <= high for w in windows), f"per-second counts {windows}"
+    windows = check_paced(starts, rate, since=all_sending(led))
     overall = (len(starts) - 1) / (starts[-1] - starts[0])
     assert overall == pytest.approx(rate, rel=0.02)
     return windows
@@ -233,7 +225,7 @@ def test_rate_holds_when_a_sender_actor_is_killed_and_restarted(tmp_path: Path) 
     led = read_ledger(tmp_path)
     assert led.height == rows and led["id"].n_unique() == rows
     starts = sorted(t.timestamp() for t in led["started_at"].to_list())
-    windows = _starts_per_window(starts)
+    windows = per_second(starts)
     # Never over the limit: the restarted actor asks the same schedule for new slots. (The
     # slots the dead one held are lost, so a second may fall short; none may go over.)
     assert max(windows) <= rate * 1.1, f"per-second counts {windows}"

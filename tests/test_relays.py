@@ -42,6 +42,7 @@ from pipeline.sending.smtp import AsyncSmtpSender, SmtpSender
 from pipeline.sending.threads import ThreadEngine
 
 from .conftest import campaign, cli, read_ledger, run_then_stop, write_recipients
+from .pacing import all_sending, check_paced
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 FROM = "News <news@bulkmail.example>"
@@ -151,12 +152,6 @@ def send_many(mode: str, smtp: SmtpConfig, n: int, *, concurrency: int = 8,
             return sender
         snd = asyncio.run(main())
     return [r for r in out if r is not None], snd
-
-
-def windows(times: list[float]) -> list[int]:
-    """Counts in each full second between the first and the last time (as test_rate.py)."""
-    t0, full = times[0], int(times[-1] - times[0])
-    return [sum(1 for t in times if t0 + i <= t < t0 + i + 1) for i in range(1, full)]
 
 
 # --------------------------------------------------------------------------- the pool alone
@@ -379,10 +374,9 @@ def test_a_relay_rate_holds_in_every_second_while_the_other_is_unlimited(
         assert rep.counts.sent == rows and (led["status"] == "sent").all()
         on_free = [r.rcpt_tos[0] for r in free.received]
     arrivals = rated.arrivals()
-    per_second = windows(arrivals)
+    per_second = check_paced(arrivals, rate, since=all_sending(led))
     print(f"rated relay per second: {per_second}; other relay: {len(on_free)} messages")
     assert len(per_second) >= 4, per_second
-    assert all(rate * 0.9 <= n <= rate * 1.1 for n in per_second), f"per-second counts {per_second}"
     seconds = arrivals[-1] - arrivals[0]
     assert len(on_free) / seconds > rate * 1.2  # the other relay is not held to that rate
     assert sorted(rated.recipients() + on_free) == sorted(pl.read_parquet(path)["email"].to_list())
