@@ -40,6 +40,7 @@ def run_campaign(config: CampaignConfig, *,
 
     with stages.time("plan"):
         p = plan(config, hooks=hooks)
+        ray_session.check_address(config)
         send_stage.prefetch_imports(config)  # flags and files are checked: import Ray meanwhile
         send = with_bodies(p.send)  # actors get the template text, not a path to read
         fields = ("name",) + tuple(sorted(header_fields(send.message) - {"name"}))

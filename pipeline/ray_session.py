@@ -10,11 +10,13 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from .config import CampaignConfig, SendConfig
+from .errors import UsageError
 
 
 def cluster_address(config: CampaignConfig) -> str | None:
@@ -22,16 +24,56 @@ def cluster_address(config: CampaignConfig) -> str | None:
 
 
 def prepare_import(config: CampaignConfig) -> None:
-    """Environment Ray reads when it is imported; call before `import ray`."""
-    if cluster_address(config) is None:
+    """Environment Ray reads when it is imported; call before `import ray`. A variable the user
+    set is left as it is."""
+    address = cluster_address(config)
+    if address is None or _on_loopback(address):
         # A Ray started here serves this machine only: keep its GCS, raylet and workers on
         # 127.0.0.1 rather than the primary interface's address. Ray reads this at import
-        # (ray_constants.ENABLE_RAY_CLUSTER), so it must be set before `import ray`.
+        # (ray_constants.ENABLE_RAY_CLUSTER), so it must be set before `import ray`. A driver
+        # joining a head on 127.0.0.1 needs it too: without it the driver takes the primary
+        # interface for its node's address and retries the GCS there for over 10 minutes,
+        # printing nothing (docs/ray-notes.md). It also joins a head on the primary interface.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address is None or _token_at_hand():
         # Ray 2.60 turns token authentication on for a local Ray and warns that it did; saying
         # so explicitly keeps it on and the console quiet (the dashboard then asks for the
-        # token: `dashboard_access` says how to get it).
+        # token: `dashboard_access` says how to get it). A driver joining a cluster presents
+        # its token only in this mode (without it, `ray.init` fails after ~20 s); a cluster
+        # without authentication accepts it as well.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether a Ray address (`host:port`, `ray://host:port`) names this machine's loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def check_address(config: CampaignConfig, timeout: float = 5.0) -> None:
+    """Refuse at once (UsageError) a cluster address where nothing listens, before Ray is
+    imported: `ray.init` would retry it for minutes, printing nothing (measured: still waiting
+    after 200 s). A listening port that is not Ray's fails in `start`, after ~20 s."""
+    address = cluster_address(config)
+    if address is None:
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        flag = "--address" if config.address else "$RAY_ADDRESS"
+        raise UsageError(f"{flag} {address}: no Ray cluster answers there "
+                         f"({exc.strerror or exc}); start it (`ray start --head`) or fix the "
+                         "address") from None
+
+
+def _token_at_hand() -> bool:
+    """A Ray auth token this process can present (Ray's own places for it)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
+    return os.path.exists(os.path.join(os.path.expanduser("~"), ".ray", "auth_token"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +122,16 @@ def start(config: CampaignConfig, send: SendConfig, *, verbose: bool = False) ->
     # which would skip the caller's graceful stop: put the caller's handlers back.
     saved = ({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
              if threading.current_thread() is threading.main_thread() else {})
-    ctx = ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        ctx = ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    except ConnectionError as exc:  # only a join fails so; nothing was read, sent or recorded
+        if address is None:
+            raise
+        flag = "--address" if config.address else "$RAY_ADDRESS"
+        raise UsageError(
+            f"{flag} {address}: cannot join a Ray cluster there ({exc}); check that it runs "
+            f"(`ray status --address {address}`) and, if it wants a token, that this machine "
+            "has it (~/.ray/auth_token or $RAY_AUTH_TOKEN)") from None
     for signum, handler in saved.items():
         if handler is not None:
             signal.signal(signum, handler)

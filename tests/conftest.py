@@ -100,6 +100,11 @@ def cli_env(env: dict[str, str] | None, own_ray: bool | None) -> dict[str, str]:
     is given variables of its own (`env`), which only reach the senders of a Ray it starts."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
+    # The run sets these itself, joining the session's Ray on 127.0.0.1 with its token or
+    # starting its own (ray_session.prepare_import): left out, every CLI test checks that.
+    for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE"):
+        if name not in (env or {}):
+            full_env.pop(name, None)
     if not (bool(env) if own_ray is None else own_ray):
         full_env["RAY_ADDRESS"] = shared_ray_address()
     return full_env

@@ -13,6 +13,9 @@ anything is sent or recorded, and give the same one line and exit 2 (DATA_CASES)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,8 +23,9 @@ import polars as pl
 import pytest
 
 from pipeline import generate
+from pipeline.lab.sink import free_port
 
-from .conftest import cli
+from .conftest import cli, shared_ray_address
 
 RAY_TRAP = "ray was imported before the error was found"
 
@@ -88,6 +92,9 @@ CASES: dict[str, Case] = {
                            "--runs-dir somefile: not a writable directory"),
     "suppress file missing": (lambda f: [*GOOD(f), "--suppress", "unsub.txt"],
                               "--suppress unsub.txt: no such file"),
+    # ray.init would retry such an address for minutes, silently.
+    "address where nothing listens": (lambda f: [*GOOD(f), "--address", f"127.0.0.1:{free_port()}"],
+                                      "no Ray cluster answers there (Connection refused)"),
     "suppress without email column": (lambda f: [*GOOD(f), "--suppress", str(f["noemail"])],
                                       "no 'email' column"),
 }
@@ -123,6 +130,28 @@ def test_data_error_found_by_the_load_is_one_line_exit_2_nothing_left(
     assert lines[0].startswith("bulkmail: error: ") and (
         "column 'id' repeats (1 ids; e.g. id 5 on rows 0 and 1" in lines[0]), lines[0]
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "runs" / "c").exists()
+
+
+def test_joining_a_token_cluster_without_its_token_is_one_line_exit_2(
+        files: dict[str, Path], tmp_path: Path) -> None:
+    """The session's Ray wants a token (as Ray 2.60's `ray start` does). A machine without it
+    (another HOME, no $RAY_AUTH_TOKEN) cannot join: one line naming the address and the token,
+    exit 2, no campaign left behind; not a traceback after a silent wait."""
+    address = shared_ray_address()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    res = subprocess.run([sys.executable, "-m", "pipeline.run", *GOOD(files), "--campaign", "c",
+                          "--address", address, "--no-dashboard", "--no-charts"],
+                         cwd=tmp_path, env={**env, "HOME": str(home)}, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"bulkmail: error: --address {address}: cannot join") and (
+        "~/.ray/auth_token" in lines[0]), lines[0]
     assert not (tmp_path / "runs" / "c").exists()
 
 
