@@ -161,6 +161,9 @@ def intended(*, name: str, to: str, subject: str, text: str, html: str | None, u
     }
 
 
+ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bqBQ]\?[^?\s]*\?=")
+
+
 def check_wire(data: bytes, smtputf8: bool, *, html: bool, url: str, addrs: tuple[str, ...]) -> None:
     """CRLF line ends only, every line ending with one, none over 998 octets (76 with encoded
     words), 7-bit but for addresses in an SMTPUTF8 message, and no header but the composer's."""
@@ -169,7 +172,10 @@ def check_wire(data: bytes, smtputf8: bool, *, html: bool, url: str, addrs: tupl
     assert max(map(len, data.split(b"\r\n"))) <= 998
     head, _, body = data.partition(b"\r\n\r\n")
     assert body.isascii()
-    assert all(len(line.decode()) <= 76 for line in head.split(b"\r\n") if b"=?" in line)  # RFC 2047 2
+    # RFC 2047 2: a line with an encoded word is at most 76 characters. Only encoded words count:
+    # a URL may hold "=?" as it is (List-Unsubscribe: <mailto:...?subject==?%F0%9F%98%80...>).
+    assert all(len(line.decode()) <= 76 for line in head.split(b"\r\n")
+               if ENCODED_WORD.search(line.decode()))
     seven_bit = head
     if smtputf8:  # only the addresses may be UTF-8
         for addr in addrs:
@@ -241,6 +247,8 @@ UNSAFE = st.sampled_from(BREAKS) | st.characters(whitelist_categories=("Cc", "Zl
 # Names the email package's own parser crashes on before a UTF-8 address (found in CI-like runs).
 @example(name="." * 100, subject="", text="", html=None, to="ñandú@example.com", u="", url="https")
 @example(name=":" * 100, subject="", text="", html=None, to="ñandú@example.com", u="", url="https")
+# "=?" in a URL is no encoded word: its header line may pass 76 characters (found in CI).
+@example(name="", subject="", text="", html=None, to="ada@example.com", u="=?😀😀", url="mailto")
 def test_reads_back_as_intended_and_as_the_email_package(
         name: str, subject: str, text: str, html: str | None, to: str, u: str, url: str) -> None:
     c = COMPOSERS[(html is not None, url)]
