@@ -44,27 +44,36 @@ def prepare_import(config: CampaignConfig) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """The host and port of a Ray address (`host:port`, `ray://host:port`, `[::1]:port`);
+    None for "auto" and other forms Ray resolves itself."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    return (host.strip("[]"), int(port)) if sep and port.isdigit() else None
+
+
 def _on_loopback(address: str) -> bool:
-    """Whether a Ray address (`host:port`, `ray://host:port`) names this machine's loopback."""
-    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    hp = _host_port(address)
+    return hp is not None and (hp[0] in ("localhost", "::1") or hp[0].startswith("127."))
+
+
+def _flag(config: CampaignConfig) -> str:
+    """Where the address came from, as the user gave it."""
+    return "--address" if config.address else "$RAY_ADDRESS"
 
 
 def check_address(config: CampaignConfig, timeout: float = 5.0) -> None:
     """Refuse at once (UsageError) a cluster address where nothing listens, before Ray is
     imported: `ray.init` would retry it for minutes, printing nothing (measured: still waiting
-    after 200 s). A listening port that is not Ray's fails in `start`, after ~20 s."""
+    after 200 s). A port that accepts but is not Ray's is left to Ray (it too waited more than
+    90 s here)."""
     address = cluster_address(config)
-    if address is None:
+    hp = _host_port(address) if address is not None else None
+    if hp is None:
         return
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not port.isdigit():
-        return  # "auto", or a form Ray resolves itself
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        socket.create_connection(hp, timeout=timeout).close()
     except OSError as exc:
-        flag = "--address" if config.address else "$RAY_ADDRESS"
-        raise UsageError(f"{flag} {address}: no Ray cluster answers there "
+        raise UsageError(f"{_flag(config)} {address}: no Ray cluster answers there "
                          f"({exc.strerror or exc}); start it (`ray start --head`) or fix the "
                          "address") from None
 
@@ -127,9 +136,8 @@ def start(config: CampaignConfig, send: SendConfig, *, verbose: bool = False) ->
     except ConnectionError as exc:  # only a join fails so; nothing was read, sent or recorded
         if address is None:
             raise
-        flag = "--address" if config.address else "$RAY_ADDRESS"
         raise UsageError(
-            f"{flag} {address}: cannot join a Ray cluster there ({exc}); check that it runs "
+            f"{_flag(config)} {address}: cannot join a Ray cluster there ({exc}); check that it runs "
             f"(`ray status --address {address}`) and, if it wants a token, that this machine "
             "has it (~/.ray/auth_token or $RAY_AUTH_TOKEN)") from None
     for signum, handler in saved.items():
