@@ -27,7 +27,7 @@ def prepare_import(config: CampaignConfig) -> None:
     """Environment Ray reads when it is imported; call before `import ray`. A variable the user
     set is left as it is."""
     address = cluster_address(config)
-    if address is None or _on_loopback(address):
+    if address is None or _on_loopback(_resolved(address)):
         # A Ray started here serves this machine only: keep its GCS, raylet and workers on
         # 127.0.0.1 rather than the primary interface's address. Ray reads this at import
         # (ray_constants.ENABLE_RAY_CLUSTER), so it must be set before `import ray`. A driver
@@ -46,9 +46,24 @@ def prepare_import(config: CampaignConfig) -> None:
 
 def _host_port(address: str) -> tuple[str, int] | None:
     """The host and port of a Ray address (`host:port`, `ray://host:port`, `[::1]:port`);
-    None for "auto" and other forms Ray resolves itself."""
+    None for "auto" and other forms Ray resolves itself (a bare IPv6 address among them)."""
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    return (host.strip("[]"), int(port)) if sep and port.isdigit() else None
+    if not sep or not port.isdigit() or (":" in host and not host.startswith("[")):
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _resolved(address: str) -> str:
+    """`auto` as Ray resolves it: the Ray last started on this machine, from the file `ray
+    start` writes (Ray reads the same one); any other address as it is."""
+    if address != "auto":
+        return address
+    path = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    try:
+        with open(path) as f:
+            return f.read().strip() or address
+    except OSError:
+        return address
 
 
 def _on_loopback(address: str) -> bool:
@@ -62,12 +77,20 @@ def _flag(config: CampaignConfig) -> str:
 
 
 def check_address(config: CampaignConfig, timeout: float = 5.0) -> None:
-    """Refuse at once (UsageError) a cluster address where nothing listens, before Ray is
-    imported: `ray.init` would retry it for minutes, printing nothing (measured: still waiting
-    after 200 s). A port that accepts but is not Ray's is left to Ray (it too waited more than
-    90 s here)."""
+    """Refuse (UsageError) a cluster address this run cannot join, before Ray is imported: an
+    HTTP address (the dashboard's, which `ray job submit` takes), and an address where nothing
+    listens, which `ray.init` would retry for minutes, printing nothing (measured: still
+    waiting after 200 s). A port that accepts but is not Ray's is left to Ray (it too waited
+    more than 90 s here)."""
     address = cluster_address(config)
-    hp = _host_port(address) if address is not None else None
+    if address is None:
+        return
+    scheme = address.split("://", 1)[0].lower() if "://" in address else None
+    if scheme not in (None, "ray"):
+        raise UsageError(f"{_flag(config)} {address}: a run joins Ray's own address "
+                         "(host:6379 or ray://host:10001), not the dashboard's; that one is for "
+                         "`ray job submit` (unset RAY_ADDRESS, or give the cluster's address)")
+    hp = _host_port(address)
     if hp is None:
         return
     try:
@@ -80,9 +103,11 @@ def check_address(config: CampaignConfig, timeout: float = 5.0) -> None:
 
 def _token_at_hand() -> bool:
     """A Ray auth token this process can present (Ray's own places for it)."""
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    if os.environ.get("RAY_AUTH_TOKEN"):
         return True
-    return os.path.exists(os.path.join(os.path.expanduser("~"), ".ray", "auth_token"))
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray",
+                                                                  "auth_token")
+    return os.path.exists(path)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,16 +158,19 @@ def start(config: CampaignConfig, send: SendConfig, *, verbose: bool = False) ->
              if threading.current_thread() is threading.main_thread() else {})
     try:
         ctx = ray.init(**{k: v for k, v in kwargs.items() if v is not None})
-    except ConnectionError as exc:  # only a join fails so; nothing was read, sent or recorded
+    except (ConnectionError, ValueError) as exc:
+        # A join Ray refuses, or an address it cannot use: nothing was read, sent or recorded.
         if address is None:
             raise
+        status = "" if address.startswith("ray://") else f" (`ray status --address {address}`)"
         raise UsageError(
-            f"{_flag(config)} {address}: cannot join a Ray cluster there ({exc}); check that it runs "
-            f"(`ray status --address {address}`) and, if it wants a token, that this machine "
-            "has it (~/.ray/auth_token or $RAY_AUTH_TOKEN)") from None
-    for signum, handler in saved.items():
-        if handler is not None:
-            signal.signal(signum, handler)
+            f"{_flag(config)} {address}: cannot join a Ray cluster there ({exc}); check that it "
+            f"runs{status} and, if it wants a token, that this machine has it "
+            "(~/.ray/auth_token or $RAY_AUTH_TOKEN)") from None
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
     _private_token()
     from ray.data import DataContext
     data = DataContext.get_current()

@@ -19,13 +19,13 @@ from pipeline.config import CampaignConfig, SendConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Every Ray the tests start (in this process or in CLI subprocesses, which inherit this) binds to
-# 127.0.0.1 only, not the machine's primary interface. Read by Ray at import time.
+# The Ray this process starts binds to 127.0.0.1 only, not the machine's primary interface
+# (read by Ray at import time). CLI runs do not inherit it: they set it themselves (cli_env).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-# Token authentication on, as a CLI run's own Ray has it (ray_session.prepare_import): CLI runs
-# joining the session's Ray must present the token (~/.ray/auth_token), which they do only when
-# told the mode; it also keeps Ray from warning that it turned the mode on.
+# Token authentication on for this process's Ray, as a CLI run's own Ray has it
+# (ray_session.prepare_import); it also keeps Ray from warning that it turned the mode on. CLI
+# runs joining it present the token because the run sets the mode itself (cli_env drops this).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 # Keep Ray's temp files short and private to the test run.

@@ -103,7 +103,8 @@ def reference(v: dict[str, Any], utf8: bool) -> bytes:
 
 # --- reading a message back ---------------------------------------------------------------------
 
-_ALL_EWS = re.compile(r"(?:=\?[^?\s]+\?[bqBQ]\?[^?\s]*\?=\s*)+")
+ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bqBQ]\?[^?\s]*\?=")
+_ALL_EWS = re.compile(rf"(?:{ENCODED_WORD.pattern}\s*)+")
 
 
 def _mailbox(m: EmailPart, raw: EmailPart, field: str) -> tuple[str, str]:
@@ -159,9 +160,6 @@ def intended(*, name: str, to: str, subject: str, text: str, html: str | None, u
         "one_click": "List-Unsubscribe=One-Click" if url == "https" else None,
         "text": lines(text), "html": lines(html) if html is not None else None,
     }
-
-
-ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bqBQ]\?[^?\s]*\?=")
 
 
 def check_wire(data: bytes, smtputf8: bool, *, html: bool, url: str, addrs: tuple[str, ...]) -> None:
