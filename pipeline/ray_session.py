@@ -101,13 +101,14 @@ def check_address(config: CampaignConfig, timeout: float = 5.0) -> None:
                          "address") from None
 
 
+def _token_file() -> str:
+    """Where Ray reads its auth token from, when not from $RAY_AUTH_TOKEN itself."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+
+
 def _token_at_hand() -> bool:
     """A Ray auth token this process can present (Ray's own places for it)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray",
-                                                                  "auth_token")
-    return os.path.exists(path)
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.exists(_token_file())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,7 +193,7 @@ def dashboard_access(session: RaySession) -> str | None:
 def _private_token() -> None:
     """Ray 2.60 writes its token file readable by every local user (0644); whoever reads it
     can submit jobs to this Ray. Keep it to its owner."""
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    path = _token_file()
     try:
         if os.stat(path).st_mode & 0o077:
             os.chmod(path, 0o600)
