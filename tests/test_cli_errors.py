@@ -89,9 +89,9 @@ CASES: dict[str, Case] = {
                            "--runs-dir somefile: not a writable directory"),
     "suppress file missing": (lambda f: [*GOOD(f), "--suppress", "unsub.txt"],
                               "--suppress unsub.txt: no such file"),
-    # ray.init would retry such an address for minutes, silently.
     "dashboard address": (lambda f: [*GOOD(f), "--address", "http://127.0.0.1:8265"],
                           "not the dashboard's; that one is for `ray job submit`"),
+    # ray.init would retry such an address for minutes, silently.
     "address where nothing listens": (lambda f: [*GOOD(f), "--address", f"127.0.0.1:{free_port()}"],
                                       "no Ray cluster answers there (Connection refused)"),
     "suppress without email column": (lambda f: [*GOOD(f), "--suppress", str(f["noemail"])],
