@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
@@ -30,6 +30,8 @@ from .errors import UsageError
 from .partitions import IdCheck, LoadSummary, PartitionCounts, Rules
 
 ROWS_PER_MAP_TASK = 1_000_000  # rows one map task reads and cuts (a few hundred MB at most)
+# An empty table: `pa.table({})` would import pandas (0.3 s of a worker's start on 2 cores).
+_NOTHING = pa.schema([]).empty_table()
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:
@@ -51,7 +53,7 @@ def _map(units: Sequence[recipients.Unit], rules: Rules) -> tuple[Any, ...]:
     """Read row groups, validate them, and cut them by address partition (full rows) and by
     id partition (id, row, address hash); the last return value is a MapResult."""
     p = rules.partitions
-    empty = (pa.table({}),) * (2 * p)
+    empty = (_NOTHING,) * (2 * p)
     frames = []
     for unit in units:
         try:
@@ -76,12 +78,14 @@ def _map(units: Sequence[recipients.Unit], rules: Rules) -> tuple[Any, ...]:
 def _settle(part: int, rules: Rules, suppression: pl.Series | None, resume_from: str | None,
             retry_failed: bool, block_rows: int, *pieces: pa.Table) -> Iterator[Any]:
     """One address partition: dedupe, suppression and, reading only this partition's ledger,
-    the resume. Yields its PartitionCounts, its settled ledger rows, then its rows to send in
-    blocks of `block_rows` (the send stage's batch: one block goes to one actor at a time)."""
+    the resume. Yields its PartitionCounts, its settled ledger rows, the Blocks (shapes) of its
+    rows to send, then those rows in blocks of `block_rows` (the send stage's batch: one block
+    goes to one actor at a time)."""
     frames = [_frame(t) for t in pieces if t.num_rows]
     if not frames:
         yield PartitionCounts()
-        yield pa.table({})
+        yield _NOTHING
+        yield Blocks(schema=pa.schema([]), shapes=())
         return
     done = (ledger.done_ids(resume_from, part, retry_failed=retry_failed)
             if resume_from is not None else None)
@@ -89,8 +93,21 @@ def _settle(part: int, rules: Rules, suppression: pl.Series | None, resume_from:
     yield out.summary
     yield out.settled.to_arrow()
     table = out.to_send.to_arrow()
-    for start in range(0, table.num_rows, block_rows):
-        yield table.slice(start, block_rows)  # Ray serialises only the slice's rows
+    blocks = [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)]
+    yield Blocks(schema=table.schema, shapes=tuple((b.num_rows, b.nbytes) for b in blocks))
+    # A loop, not `yield from blocks`: Ray drives the generator with send(), which a list's
+    # iterator lacks. Ray serialises only each slice's rows.
+    for block in blocks:  # noqa: UP028
+        yield block
+
+
+@dataclass(frozen=True, kw_only=True)
+class Blocks:
+    """What Ray Data needs to know of one partition's blocks to send: their schema, and each
+    block's rows and bytes."""
+
+    schema: pa.Schema
+    shapes: tuple[tuple[int, int], ...]
 
 
 @ray.remote(max_retries=3)
@@ -116,10 +133,36 @@ class Loaded:
     to_send: list[Any]  # ObjectRefs of Arrow tables: blocks of at most `block_rows` rows
     settled: list[Any]  # ObjectRefs of the ledger rows settled at load, one per partition
     block_rows: int
+    blocks: list[Blocks] = field(default_factory=list)  # per partition, in order
 
     def dataset(self) -> Any:
         """The rows to send as a Ray Dataset of the blocks the partitions' tasks cut."""
-        return ray.data.from_arrow_refs(self.to_send)
+        return dataset_of(self.to_send, self.blocks)
+
+
+def dataset_of(refs: list[Any], blocks: Sequence[Blocks]) -> Any:
+    """A Ray Dataset of Arrow blocks already in the object store, described by their `blocks`.
+
+    `ray.data.from_arrow_refs` asks each block for its metadata in a task of its own: 80 tasks
+    for 1M rows, in workers that first import Ray Data (about 1 s of CPU each), 0.5-1 s of wall
+    on 2 cores before the first email (docs/ray-notes.md). The partitions' tasks already know
+    every block's rows and bytes, so this builds the same Dataset from those, as
+    `from_arrow_refs` does (Ray 2.60's read_api.py; Ray is pinned in pyproject.toml)."""
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import FromArrow
+    from ray.data._internal.stats import DatasetStats
+    from ray.data.block import BlockMetadataWithSchema, BlockStats
+    from ray.data.context import DataContext
+    from ray.data.dataset import MaterializedDataset
+    metadata = [BlockMetadataWithSchema(num_rows=rows, size_bytes=size, exec_stats=None,
+                                        input_files=None, schema=b.schema)
+                for b in blocks for rows, size in b.shapes]
+    if len(metadata) != len(refs):  # never, unless a task yielded otherwise: take Ray's way
+        return ray.data.from_arrow_refs(refs)
+    as_stats: list[BlockStats] = list(metadata)
+    stats = DatasetStats(metadata={"FromArrow": as_stats}, parent=None)
+    context = DataContext.get_current().copy()
+    return MaterializedDataset(LogicalPlan(FromArrow(refs, metadata), context), context, stats)
 
 
 def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
@@ -162,11 +205,13 @@ def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
             f"{where}: column 'id' repeats ({check.repeated:,} ids; e.g. id {id_} on rows "
             f"{r0} and {r1}, with {what}); ids must be unique, or drop the column to number "
             "the rows")
-    outputs = [list(stream) for stream in streams]  # each: counts, settled, blocks to send
+    # Each stream: counts, settled rows, the Blocks, then the blocks to send.
+    outputs = [list(stream) for stream in streams]
     counts: list[PartitionCounts] = ray.get([o[0] for o in outputs])
     summary = partitions.summarise(counts, fields=rules.fields, partitions=p)
-    return Loaded(summary=summary, to_send=[ref for o in outputs for ref in o[2:]],
-                  settled=[o[1] for o in outputs], block_rows=block_rows)
+    return Loaded(summary=summary, to_send=[ref for o in outputs for ref in o[3:]],
+                  settled=[o[1] for o in outputs], block_rows=block_rows,
+                  blocks=ray.get([o[2] for o in outputs]))
 
 
 def write_settled(loaded: Loaded, *, run_dir: str, run_id: str, epoch: int) -> int:
