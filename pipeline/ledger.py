@@ -59,9 +59,9 @@ SCHEMA = pa.schema([
     # The address partition the row belongs to (its directory under ledger/).
     ("part", pa.int32()),
 ])
-# Spelled out, not converted from SCHEMA: `pl.from_arrow` imports pandas, 0.3 s of every Ray
-# worker's start on 2 cores (the load's tasks import this module). tests/test_ledger.py checks
-# that both schemas agree.
+# Spelled out, not converted from SCHEMA: `SCHEMA.empty_table()` imports pandas, 0.3 s of
+# every Ray worker's start on 2 cores (the load's and the fold's tasks import this module).
+# tests/test_ledger.py checks that both schemas agree.
 _UTC, _I64, _I32, _STR = pl.Datetime("us", "UTC"), pl.Int64(), pl.Int32(), pl.String()
 POLARS_SCHEMA = pl.Schema({
     "id": _I64, "email": _STR, "status": _STR, "attempts": _I32, "error": _STR,

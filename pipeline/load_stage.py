@@ -11,7 +11,7 @@ object references and counts: memory in proportion to blocks × partitions, not 
 
 Why tasks and not Ray Data's `repartition(keys=...)`/`groupby().map_groups()`: on this
 machine Ray Data's hash shuffle took 13.6 s for 1M rows and a second one 5.9 s
-(docs/ray-notes.md), against about 2 s for these tasks; a run of 1M rows is 19 s in all.
+(docs/ray-notes.md), against about 2 s for these tasks (README, "1,000,000 recipients").
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from .errors import UsageError
 from .partitions import IdCheck, LoadSummary, PartitionCounts, Rules
 
 ROWS_PER_MAP_TASK = 1_000_000  # rows one map task reads and cuts (a few hundred MB at most)
-# An empty table: `pa.table({})` would import pandas (0.3 s of a worker's start on 2 cores).
-_NOTHING = pa.schema([]).empty_table()
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:
@@ -53,7 +51,7 @@ def _map(units: Sequence[recipients.Unit], rules: Rules) -> tuple[Any, ...]:
     """Read row groups, validate them, and cut them by address partition (full rows) and by
     id partition (id, row, address hash); the last return value is a MapResult."""
     p = rules.partitions
-    empty = (_NOTHING,) * (2 * p)
+    empty = (pa.table({}),) * (2 * p)
     frames = []
     for unit in units:
         try:
@@ -84,7 +82,7 @@ def _settle(part: int, rules: Rules, suppression: pl.Series | None, resume_from:
     frames = [_frame(t) for t in pieces if t.num_rows]
     if not frames:
         yield PartitionCounts()
-        yield _NOTHING
+        yield pa.table({})
         yield Blocks(schema=pa.schema([]), shapes=())
         return
     done = (ledger.done_ids(resume_from, part, retry_failed=retry_failed)
@@ -157,8 +155,8 @@ def dataset_of(refs: list[Any], blocks: Sequence[Blocks]) -> Any:
     metadata = [BlockMetadataWithSchema(num_rows=rows, size_bytes=size, exec_stats=None,
                                         input_files=None, schema=b.schema)
                 for b in blocks for rows, size in b.shapes]
-    if len(metadata) != len(refs):  # never, unless a task yielded otherwise: take Ray's way
-        return ray.data.from_arrow_refs(refs)
+    if len(metadata) != len(refs):
+        raise RuntimeError(f"internal: {len(refs)} blocks to send but {len(metadata)} described")
     as_stats: list[BlockStats] = list(metadata)
     stats = DatasetStats(metadata={"FromArrow": as_stats}, parent=None)
     context = DataContext.get_current().copy()

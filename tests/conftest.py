@@ -39,9 +39,10 @@ def _start_ray() -> None:
     if ray.is_initialized():
         return
     # 4 logical CPUs on 2 cores: sender actors are I/O-bound and ask for 0.25 each (8 of them
-    # and Ray Data's tasks fit). Not more: a joined run's `from_arrow_refs` runs one metadata
-    # task per block at once, each without a worker of its own starts one (1-2 s each on 2
-    # cores); at 8 CPUs that stage took a 3,000-row run 5-6 s, at 4 CPUs 2.2-2.6 s.
+    # and Ray Data's tasks fit). Not more: a joined run's tasks (the load's, the fold's) run as
+    # many at once as there are CPUs, and each one without a worker of its own starts one (1-2 s
+    # each on 2 cores); at 8 CPUs, with the per-block metadata tasks `from_arrow_refs` ran then,
+    # a 3,000-row run spent 5-6 s there, at 4 CPUs 2.2-2.6 s.
     # address="local": without it ray.init joins a Ray already running here (another run's).
     # The system settings are the ones a CLI run gives the Ray it starts (ray_session.start).
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING,

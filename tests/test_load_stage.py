@@ -142,26 +142,32 @@ def test_rows_to_send_come_in_blocks_of_a_batch() -> None:
     assert len(sizes) >= out.summary.to_send // 150
 
 
-def test_the_dataset_of_the_blocks_is_the_one_ray_data_builds_from_them() -> None:
+def test_the_dataset_of_the_blocks_is_the_one_ray_data_builds_from_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # load_stage.dataset_of describes the blocks from what the partitions' tasks reported,
-    # instead of asking each block in a task: the same rows, schema and block sizes.
+    # instead of asking each block in a task (`from_arrow_refs`): the same rows, schema, block
+    # sizes and bytes.
     import ray
 
     from pipeline import load_stage
     out = load(_dirty(2000, seed=3), parts=3, block_rows=150).stage
     assert out is not None
-    ours = out.dataset()
     theirs = ray.data.from_arrow_refs(out.to_send)
+    with monkeypatch.context() as m:  # built without Ray's per-block tasks
+        m.setattr(ray.data, "from_arrow_refs", None)
+        ours = out.dataset()
     assert ours.count() == theirs.count() == out.summary.to_send
     assert ours.schema() == theirs.schema()
     assert ours.num_blocks() == theirs.num_blocks() == len(out.to_send)
+    # A slice's nbytes before Ray serialises it, against after: a few bytes a block apart.
+    assert abs(ours.size_bytes() - theirs.size_bytes()) <= 0.01 * theirs.size_bytes()
     shapes = [rows for b in out.blocks for rows, _ in b.shapes]
     assert shapes == [ray.get(r).num_rows for r in out.to_send]
     # Whole rows, every column.
     assert (sorted(ours.take_all(), key=lambda r: r["id"])
             == sorted(theirs.take_all(), key=lambda r: r["id"]))
-    # A description that does not match the blocks falls back to Ray Data's own way.
-    assert load_stage.dataset_of(out.to_send, out.blocks[:1]).count() == out.summary.to_send
+    with pytest.raises(RuntimeError, match="described"):  # a description that does not match
+        load_stage.dataset_of(out.to_send, out.blocks[:1])
 
 
 def test_partitions_grow_with_the_list_but_stay_few() -> None:
