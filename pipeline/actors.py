@@ -268,14 +268,9 @@ class SendBatches:
         self.ledger.flush()
         return _summary(batch.num_rows, counts, skipped=len(skip), crashed=1)
 
-    def _at_exit(self) -> None:
-        try:
-            self.ledger.close()  # every batch flushed at its end already: nothing is left
-        except Exception:  # noqa: BLE001 - the process is ending; nothing to report it to
-            pass
-        gc.freeze()
-
-    def __del__(self) -> None:
+    def _close(self) -> None:
+        """Flush the metrics and the ledger (every batch flushed its rows at its end already:
+        nothing is left, as a rule); never raises, the process is ending."""
         try:
             if self.metrics is not None:
                 self.metrics.close()
@@ -285,6 +280,13 @@ class SendBatches:
             self.ledger.close()
         except Exception:  # noqa: BLE001
             pass
+
+    def _at_exit(self) -> None:
+        self._close()
+        gc.freeze()
+
+    def __del__(self) -> None:  # the atexit registration keeps this actor's UDF alive till exit
+        self._close()
 
 
 def _limiter(schedule: Any, rate: float, concurrency: int) -> ratelimit.SlotLimiter:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -131,7 +131,7 @@ class Loaded:
     to_send: list[Any]  # ObjectRefs of Arrow tables: blocks of at most `block_rows` rows
     settled: list[Any]  # ObjectRefs of the ledger rows settled at load, one per partition
     block_rows: int
-    blocks: list[Blocks] = field(default_factory=list)  # per partition, in order
+    blocks: list[Blocks]  # per partition, in order: what `dataset` tells Ray Data of to_send
 
     def dataset(self) -> Any:
         """The rows to send as a Ray Dataset of the blocks the partitions' tasks cut."""
