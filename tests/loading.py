@@ -40,33 +40,25 @@ def load(data: pl.DataFrame | pl.LazyFrame | str | Path, *,
          resume_from: str | None = None, retry_failed: bool = False,
          block_rows: int = 97) -> Loaded:
     """Needs the session's Ray (the `ray_session` fixture)."""
-    if not isinstance(data, (pl.DataFrame, pl.LazyFrame)):
-        return _load(str(data), suppression=suppression, header_fields=header_fields,
-                     source=source, parts=parts, resume_from=resume_from,
-                     retry_failed=retry_failed, block_rows=block_rows)
-    frame = data.collect() if isinstance(data, pl.LazyFrame) else data
-    folder = tempfile.mkdtemp(prefix="bulkmail-load-")
-    try:
+    folder = None
+    if isinstance(data, (pl.DataFrame, pl.LazyFrame)):
+        frame = data.collect() if isinstance(data, pl.LazyFrame) else data
+        folder = tempfile.mkdtemp(prefix="bulkmail-load-")
         path = str(Path(folder) / "in.parquet")
         size = row_group_size or max(1, (frame.height + 3) // 4)  # four row groups or so
         frame.write_parquet(path, row_group_size=size)
-        # The rows loaded are in Ray's object store by now: the file can go.
-        return _load(path, suppression=suppression, header_fields=header_fields,
-                     source=source, parts=parts, resume_from=resume_from,
-                     retry_failed=retry_failed, block_rows=block_rows)
+    else:
+        path = str(data)
+    try:
+        schema = recipients.scan(path).collect_schema()
+        rules = partitions.Rules(schema=partitions.user_schema(schema),
+                                 header_fields=header_fields, partitions=parts)
+        out = load_stage.load(recipients.units(path), rules=rules, source=source or path,
+                              suppression=suppression, resume_from=resume_from,
+                              retry_failed=retry_failed, block_rows=block_rows)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _load(path: str, *, suppression: pl.DataFrame | None, header_fields: tuple[str, ...],
-          source: str | None, parts: int, resume_from: str | None, retry_failed: bool,
-          block_rows: int) -> Loaded:
-    schema = recipients.scan(path).collect_schema()
-    rules = partitions.Rules(schema=partitions.user_schema(schema), header_fields=header_fields,
-                             partitions=parts)
-    out = load_stage.load(recipients.units(path), rules=rules, source=source or path,
-                          suppression=suppression, resume_from=resume_from,
-                          retry_failed=retry_failed, block_rows=block_rows)
+        if folder is not None:  # the rows loaded are in Ray's object store by now
+            shutil.rmtree(folder, ignore_errors=True)
     s = out.summary
     to_send = _fetch(out.to_send)
     settled = _fetch(out.settled, s.settled_sizes)
