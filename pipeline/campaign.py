@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 # Ray is imported only where a run needs it (the *_stage modules, ray_session): the CLI turns
@@ -21,6 +22,7 @@ from .errors import CampaignInterrupted, UsageError
 from .hooks import Hooks, Stages
 from .lease import Lease, LeaseLost
 from .plan import Plan, plan
+from .tally import Tally
 from .templates import header_fields, with_bodies
 
 
@@ -78,7 +80,10 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
     if log_file and hooks.before_ray:
         hooks.before_ray(log_file)
     from . import ledger_stage, load_stage
-    with _ray(config, send, hooks, stages):
+    # Ray's stop mostly waits for its processes to exit with the CPU idle (1.1 of its 1.4 s on
+    # 2 cores, docs/ray-notes.md): the report and the tally's charts are built meanwhile.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="report") as background, \
+            _ray(config, send, hooks, stages):
         with stages.time("load"):
             loaded = load_stage.load(units, rules=rules, source=p.input,
                                      suppression=p.suppression,
@@ -114,18 +119,15 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
         with stages.time("ledger"):
             # A run that lost its lease reads, never folds: the taker owns the ledger now.
             totals = ledger_stage.fold(p.run_dir, run_id=p.run_id, write=not lease_lost)
-
-    with stages.time("report"):
-        rep = report.build(
-            campaign=p.campaign, run_id=p.run_id, run_dir=p.run_dir, input=p.input, send=send,
-            batch_size=outcome.batch_size if outcome else 0, loaded=summary, tally=totals,
-            stages=stages.seconds, started_at=started_at,
-            ray_stats=outcome.ray_stats if outcome else (),
-            crashed_batches=outcome.totals.crashed if outcome else 0,
-            interrupted=bool(outcome and outcome.interrupted), lease_lost=lease_lost,
+        building = background.submit(
+            _report, config=config, p=p, send=send, outcome=outcome, summary=summary,
+            totals=totals, stages=stages, started_at=started_at, lease_lost=lease_lost,
             log_file=log_file)
-        if config.charts:
-            rep = report.with_charts(rep, totals)
+    rep = building.result()
+    if config.charts:  # drawn once Ray has stopped: the chart shows every stage, ray_stop too
+        with stages.time("report"):
+            rep = report.with_charts(report.finish(rep, stages.seconds, started_at), totals,
+                                     of_tally=False)
     # Set after the stage closes so that the report holds its own stage's time too.
     rep = report.finish(rep, stages.seconds, started_at)
     if lease_lost:
@@ -137,6 +139,25 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
     _write_manifest(p.run_dir, manifest | {"state": state, "finished_at": time.time()})
     if rep.interrupted:
         raise CampaignInterrupted(f"campaign {p.campaign} stopped before the end", report=rep)
+    return rep
+
+
+def _report(*, config: CampaignConfig, p: Plan, send: SendConfig,
+            outcome: send_stage.SendOutcome | None, summary: partitions.LoadSummary,
+            totals: Tally, stages: Stages, started_at: float, lease_lost: bool,
+            log_file: str | None) -> report.Report:
+    """The run's report and the charts drawn from its tally (runs beside Ray's stop)."""
+    with stages.time("report"):
+        rep = report.build(
+            campaign=p.campaign, run_id=p.run_id, run_dir=p.run_dir, input=p.input, send=send,
+            batch_size=outcome.batch_size if outcome else 0, loaded=summary, tally=totals,
+            stages=stages.seconds, started_at=started_at,
+            ray_stats=outcome.ray_stats if outcome else (),
+            crashed_batches=outcome.totals.crashed if outcome else 0,
+            interrupted=bool(outcome and outcome.interrupted), lease_lost=lease_lost,
+            log_file=log_file)
+        if config.charts:
+            rep = report.with_charts(rep, totals, of_stages=False)
     return rep
 
 

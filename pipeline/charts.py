@@ -143,10 +143,12 @@ def stages(rep: dict[str, Any], run_dir: str) -> str | None:
     return _save(fig, run_dir, "stages.png")
 
 
-def write_charts(rep: dict[str, Any], t: Tally, run_dir: str) -> tuple[list[str], list[str]]:
+def write_charts(rep: dict[str, Any], t: Tally, run_dir: str, *, of_tally: bool = True,
+                 of_stages: bool = True) -> tuple[list[str], list[str]]:
     """Draw every chart that the run's data allows, from the report's JSON rendering and the
-    merged tally (tally.py); returns their file names (relative to `run_dir`) and the
-    failures, which are never raised."""
+    merged tally (tally.py): the tally's (throughput, in flight, latency) and the stages';
+    returns their file names (relative to `run_dir`) and the failures, which are never
+    raised."""
     written: list[str] = []
     errors: list[str] = []
 
@@ -159,10 +161,11 @@ def write_charts(rep: dict[str, Any], t: Tally, run_dir: str) -> tuple[list[str]
             if out:
                 written.append(out)
 
-    if t.starts:
+    if of_tally and t.starts:
         t0 = min(t.starts) * EVENT_STEP
         attempt("throughput", lambda: throughput(rep, t, run_dir, t0))
         attempt("in_flight", lambda: in_flight(rep, t, run_dir, t0))
         attempt("latency", lambda: latency(rep, t, run_dir))
-    attempt("stages", lambda: stages(rep, run_dir))
+    if of_stages:
+        attempt("stages", lambda: stages(rep, run_dir))
     return written, errors

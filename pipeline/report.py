@@ -245,12 +245,16 @@ def finish(rep: Report, stages: Mapping[str, float], started_at: float) -> Repor
         total_s=round(time.time() - started_at, 3))
 
 
-def with_charts(rep: Report, tally: Tally) -> Report:
-    """`rep` with its PNG charts drawn beside report.md (names relative to the run directory);
-    a chart that fails is listed in `chart_errors`, never raised."""
+def with_charts(rep: Report, tally: Tally, *, of_tally: bool = True,
+                of_stages: bool = True) -> Report:
+    """`rep` with its PNG charts drawn beside report.md (names relative to the run directory),
+    the tally's and the stages' or one of them, added to those it has; a chart that fails is
+    listed in `chart_errors`, never raised."""
     from .charts import write_charts as draw
-    names, errors = draw(rep.to_json(), tally, rep.run_dir)
-    return dataclasses.replace(rep, charts=tuple(names), chart_errors=tuple(errors))
+    names, errors = draw(rep.to_json(), tally, rep.run_dir, of_tally=of_tally,
+                         of_stages=of_stages)
+    return dataclasses.replace(rep, charts=rep.charts + tuple(names),
+                               chart_errors=rep.chart_errors + tuple(errors))
 
 
 def write(rep: Report) -> None:

@@ -79,7 +79,7 @@ def test_report_has_every_stage_and_agrees_with_ledger(tmp_path: Path) -> None:
     rep = run_campaign(campaign(tmp_path, path, actors=3, threads_per_actor=10, charts=True))
     saved = json.loads((tmp_path / "runs/test/report.json").read_text())
     assert saved["counts"] == rep.to_json()["counts"]  # type: ignore[union-attr]
-    for stage in ("load", "ray_start", "partition", "send", "ledger", "report"):
+    for stage in ("load", "ray_start", "partition", "send", "ledger", "ray_stop", "report"):
         assert stage in saved["stages_s"], stage
         assert saved["stages_s"][stage] >= 0
     led = read_ledger(tmp_path)
@@ -96,6 +96,24 @@ def test_report_has_every_stage_and_agrees_with_ledger(tmp_path: Path) -> None:
     assert [op["operator"] for op in saved["ray_data"]][-1].startswith("MapBatches")
     md = (tmp_path / "runs/test/report.md").read_text()
     assert "| sent | 1,500 |" in md
+
+
+def test_a_report_that_cannot_be_built_fails_the_run(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is built on a thread while Ray stops: its failure still reaches the caller,
+    and nothing claims the run finished."""
+    from pipeline import report
+
+    def broken(**kwargs: object) -> None:
+        raise RuntimeError("report broke")
+
+    monkeypatch.setattr(report, "build", broken)
+    path = write_recipients(tmp_path / "in.parquet", 200)
+    with pytest.raises(RuntimeError, match="report broke"):
+        run_campaign(campaign(tmp_path, path, actors=1, threads_per_actor=10))
+    manifest = json.loads((tmp_path / "runs/test/campaign.json").read_text())
+    assert manifest["state"] != "finished" and not (tmp_path / "runs/test/report.json").exists()
+    assert read_ledger(tmp_path).height == 200  # the sends are recorded all the same
 
 
 def test_input_with_only_an_email_column(tmp_path: Path) -> None:
