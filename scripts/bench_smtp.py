@@ -3,8 +3,8 @@ client and the machine's limit, in one run against one sink.
 
     python scripts/bench_smtp.py                      # 100,000 personalised messages per client
     python scripts/bench_smtp.py --card               # also: 8 × 100 threads vs a 1 s-per-DATA sink
-    python scripts/bench_smtp.py --card-only [--exact-wait]   # only that; --exact-wait: against
-                                                      # aiosmtpd waiting exactly 1 s (this process)
+    python scripts/bench_smtp.py --card-only [--card-server exact|aiosmtpd]   # only that, against
+                                        # a sink that waits exactly 1 s (its own process)
 
 Rows, all into the same `smtp-sink` (a C server that accepts and discards, offers PIPELINING):
   baseline  the client people write by hand: a ThreadPoolExecutor of 100 threads, one reused
@@ -18,13 +18,15 @@ bulkmail's rate is its send window (first start to last end, from its own ledger
 measure the report prints; its whole-command rate (Ray start included) is shown beside it.
 `--card` adds the card's configuration (8 actors × 100 threads) over 16,000 messages against a
 sink that waits 1 s per DATA: the ideal is 800 messages/s. Under 800 connections smtp-sink's
-wait is not one second (scripts/sink_wait_probe.py); `--exact-wait` uses bulkmail's aiosmtpd
-test server (`pipeline.lab.sink.Sink(delay=1)`), which waits exactly, in this process.
+wait is not one second (scripts/sink_wait_probe.py); `--card-server exact` uses
+scripts/exact_wait_sink.py instead, which waits 1 s exactly, and `--card-server aiosmtpd`
+bulkmail's aiosmtpd sink (`scripts/smtp_sink.py --delay 1`), each in a process of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import smtplib
 import sys
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_smtp_clients import SmtpSink, Source, messages, raw_run, timed  # noqa: E402
+from exact_wait_sink import ExactWaitSink  # noqa: E402
 from jinja2 import Template  # noqa: E402
 
 from pipeline import generate  # noqa: E402
@@ -101,6 +104,38 @@ def bulkmail(port: int, path: Path, work: Path, *, mode: str, actors: int, per_a
     return rep.send.emails_per_s, rep.counts.sent / wall, rep.counts.sent
 
 
+def card_server(kind: str) -> tuple[Any, Any]:
+    """The card's server, waiting 1 s per DATA in a process of its own, and how to stop it."""
+    if kind == "exact":
+        exact = ExactWaitSink(1.0)
+        return exact, exact.stop
+    if kind == "aiosmtpd":
+        import subprocess
+
+        from pipeline.lab.sink import free_port
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "smtp_sink.py"),
+                                 "--port", str(port), "--delay", "1", "--every", "100000"],
+                                stdout=subprocess.DEVNULL)
+        wait_for_port(port)
+        return argparse.Namespace(port=port), proc.terminate
+    sink = SmtpSink(1)
+    return sink, sink.stop
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no server came up on port {port}") from None
+            time.sleep(0.1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=100_000,
@@ -109,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="for the hand-written baseline, which manages a few hundred a second")
     ap.add_argument("--card", action="store_true", help="also the card's 8 × 100 against -w 1")
     ap.add_argument("--card-only", action="store_true", help="only the card's run")
-    ap.add_argument("--exact-wait", action="store_true",
-                    help="the card against aiosmtpd waiting exactly 1 s, not smtp-sink -w 1")
+    ap.add_argument("--card-server", choices=("smtp-sink", "exact", "aiosmtpd"),
+                    default="smtp-sink", help="the card's server: smtp-sink -w 1, or one that "
+                    "waits exactly 1 s (exact_wait_sink.py, or aiosmtpd)")
     a = ap.parse_args(argv)
     import ray
     # One local Ray for every bulkmail row (as a long-lived cluster would be).
@@ -149,22 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         card = generate.generate(16_000, seed=2)
         card_path = work / "card.parquet"
         card.write_parquet(card_path)
-        if a.exact_wait:
-            from pipeline.lab.sink import Sink
-            with Sink(delay=1.0) as exact:
-                window, _, sent = bulkmail(exact.port, card_path, work, mode="threads", actors=8,
-                                           per_actor=100, campaign="bench-card")
-            server = "aiosmtpd waiting exactly 1 s"
-        else:
-            slow = SmtpSink(1)
-            try:
-                window, _, sent = bulkmail(slow.port, card_path, work, mode="threads", actors=8,
-                                           per_actor=100, campaign="bench-card")
-            finally:
-                slow.stop()
-            server = "smtp-sink -w 1"
-        print(f"\ncard (8 actors × 100 threads) vs {server}, {sent:,} messages: "
-              f"{window:,.0f}/s in the send window, {window / 800:.2f} of the ideal 800/s")
+        server, stop = card_server(a.card_server)
+        try:
+            window, _, sent = bulkmail(server.port, card_path, work, mode="threads", actors=8,
+                                       per_actor=100, campaign="bench-card")
+        finally:
+            stop()
+        latency = json.loads((work / "runs" / "bench-card" / "report.json").read_text())["latency_s"]
+        name = {"smtp-sink": "smtp-sink -w 1", "exact": "exact_wait_sink.py --wait 1",
+                "aiosmtpd": "aiosmtpd, smtp_sink.py --delay 1"}[a.card_server]
+        print(f"\ncard (8 actors × 100 threads) vs {name}, {sent:,} messages: "
+              f"{window:,.0f}/s in the send window, {window / 800:.2f} of the ideal 800/s "
+              f"(latency p50 {latency['p50']:.3f} s, p99 {latency['p99']:.3f} s)")
     ray.shutdown()
     return 0
 

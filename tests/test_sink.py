@@ -97,3 +97,45 @@ def test_the_script_runs_and_reports_totals(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 0
     assert "0 messages over 1 connections" in out and "5xx 1" in out
+
+
+def _exact_wait_sink() -> type:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from exact_wait_sink import ExactWaitSink
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return ExactWaitSink  # type: ignore[no-any-return]
+
+
+def test_exact_wait_sink_waits_before_each_data_reply_and_counts() -> None:
+    """The benchmarks' exact-wait sink (scripts/exact_wait_sink.py): lock-step (smtplib) and a
+    pipelined group on a raw socket; an empty body and dot-stuffed lines end where they should."""
+    import socket
+    import time
+    sink = _exact_wait_sink()(0.3)
+    try:
+        c = smtplib.SMTP("127.0.0.1", sink.port)
+        c.ehlo()
+        assert c.has_extn("pipelining")
+        for body in (MAIL, b"", b"Subject: dots\r\n\r\n..leading dot\r\n.\r\n"):
+            t0 = time.monotonic()
+            c.sendmail("a@b.example", ["x@example.com"], body)
+            assert 0.3 <= time.monotonic() - t0 < 1.2  # loose above: a loaded machine
+        c.quit()
+        s = socket.create_connection(("127.0.0.1", sink.port))
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220")
+        s.sendall(b"EHLO me\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        t0 = time.monotonic()
+        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.com>\r\n"
+                  b"RCPT TO:<y@example.com>\r\nDATA\r\n")
+        assert [f.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+        assert time.monotonic() - t0 >= 0.3
+        s.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        assert [f.readline()[:3] for _ in range(2)] == [b"250", b"221"]
+        s.close()
+    finally:
+        assert sink.stop() == 4
