@@ -1,5 +1,6 @@
 """One function that runs a campaign, top to bottom as the data flows:
-plan → lease → Ray → load (on the cluster) → send → ledger (folded per partition) → report.
+plan → lease → Ray → load (on the cluster) → send → ledger (folded per partition) → report
+(built while Ray stops).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
         hooks.before_ray(log_file)
     from . import ledger_stage, load_stage
     # Ray's stop mostly waits for its processes to exit with the CPU idle (1.1 of its 1.4 s on
-    # 2 cores, docs/ray-notes.md): the report and the tally's charts are built meanwhile.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="report") as background, \
-            _ray(config, send, hooks, stages):
+    # 2 cores, docs/ray-notes.md): the report and the tally's charts are built meanwhile, and
+    # the report stage is the time that adds once Ray has stopped (so stages add up to total).
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="report")  # no thread yet
+    with _ray(config, send, hooks, stages):
         with stages.time("load"):
             loaded = load_stage.load(units, rules=rules, source=p.input,
                                      suppression=p.suppression,
@@ -123,13 +125,12 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
             _report, config=config, p=p, send=send, outcome=outcome, summary=summary,
             totals=totals, stages=stages, started_at=started_at, lease_lost=lease_lost,
             log_file=log_file)
-    rep = building.result()
-    if config.charts:  # drawn once Ray has stopped: the chart shows every stage, ray_stop too
-        with stages.time("report"):
-            rep = report.with_charts(report.finish(rep, stages.seconds, started_at), totals,
-                                     of_tally=False)
-    # Set after the stage closes so that the report holds its own stage's time too.
+    with stages.time("report"):
+        rep = building.result()
+    background.shutdown()
     rep = report.finish(rep, stages.seconds, started_at)
+    if config.charts and not lease_lost:  # drawn once Ray has stopped: it shows every stage
+        rep = report.with_charts(rep, totals, of_tally=False)
     if lease_lost:
         raise LeaseLost(f"campaign {p.campaign}: another run took the campaign over (this run's "
                         "lease was lost or ran out); this run stopped sending and left the "
@@ -146,18 +147,18 @@ def _report(*, config: CampaignConfig, p: Plan, send: SendConfig,
             outcome: send_stage.SendOutcome | None, summary: partitions.LoadSummary,
             totals: Tally, stages: Stages, started_at: float, lease_lost: bool,
             log_file: str | None) -> report.Report:
-    """The run's report and the charts drawn from its tally (runs beside Ray's stop)."""
-    with stages.time("report"):
-        rep = report.build(
-            campaign=p.campaign, run_id=p.run_id, run_dir=p.run_dir, input=p.input, send=send,
-            batch_size=outcome.batch_size if outcome else 0, loaded=summary, tally=totals,
-            stages=stages.seconds, started_at=started_at,
-            ray_stats=outcome.ray_stats if outcome else (),
-            crashed_batches=outcome.totals.crashed if outcome else 0,
-            interrupted=bool(outcome and outcome.interrupted), lease_lost=lease_lost,
-            log_file=log_file)
-        if config.charts:
-            rep = report.with_charts(rep, totals, of_stages=False)
+    """The run's report and the charts drawn from its tally (runs beside Ray's stop). A run
+    that lost its lease draws none: the run directory is the taker's now."""
+    rep = report.build(
+        campaign=p.campaign, run_id=p.run_id, run_dir=p.run_dir, input=p.input, send=send,
+        batch_size=outcome.batch_size if outcome else 0, loaded=summary, tally=totals,
+        stages=stages.seconds, started_at=started_at,
+        ray_stats=outcome.ray_stats if outcome else (),
+        crashed_batches=outcome.totals.crashed if outcome else 0,
+        interrupted=bool(outcome and outcome.interrupted), lease_lost=lease_lost,
+        log_file=log_file)
+    if config.charts and not lease_lost:
+        rep = report.with_charts(rep, totals, of_stages=False)
     return rep
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -57,6 +58,37 @@ def test_every_chart_written_as_png(tmp_path: Path) -> None:
     for n in names:
         assert_png(run_dir / n)
     assert "chart_errors" not in rep
+
+
+def test_the_tally_charts_and_the_stages_chart_drawn_apart_list_each_once(tmp_path: Path) -> None:
+    """As a run draws them: the tally's while Ray stops, the stages' once it has stopped."""
+    from pipeline import report as report_module
+    t0 = time.time()
+    totals = journal(tmp_path / "j", [(i, "sent", 1, t0 + i * 0.01, t0 + i * 0.01 + 0.2, 0.2)
+                                      for i in range(50)])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    names, _ = charts.write_charts(report(), totals, str(run_dir), of_stages=False)
+    assert names == NAMES[:3] and not (run_dir / "stages.png").exists()
+    names, _ = charts.write_charts(report(), totals, str(tmp_path), of_tally=False)
+    assert names == ["stages.png"]
+    rep = _report_of(totals, str(run_dir))
+    rep = report_module.with_charts(rep, totals, of_stages=False)
+    rep = report_module.with_charts(rep, totals, of_tally=False)
+    assert list(rep.charts) == NAMES and not rep.chart_errors
+    for n in NAMES:
+        assert_png(run_dir / n)
+
+
+def _report_of(totals: tally.Tally, run_dir: str) -> Any:
+    from pipeline import report as report_module
+    from pipeline.config import SendConfig
+    from pipeline.partitions import LoadSummary
+    return report_module.build(
+        campaign="c", run_id="r", run_dir=run_dir, input="in.parquet", send=SendConfig(),
+        batch_size=1, loaded=LoadSummary(input_rows=50, to_send=50, already_done=0),
+        tally=totals, stages={"send": 1.0, "ray_stop": 0.5}, ray_stats=(), crashed_batches=0,
+        started_at=time.time(), interrupted=False)
 
 
 def test_in_flight_counts_overlapping_sends_and_only_the_last_attempt(tmp_path: Path) -> None:

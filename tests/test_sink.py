@@ -109,8 +109,9 @@ def _exact_wait_sink() -> type:
 
 
 def test_exact_wait_sink_waits_before_each_data_reply_and_counts() -> None:
-    """The benchmarks' exact-wait sink (scripts/exact_wait_sink.py): lock-step (smtplib) and a
-    pipelined group on a raw socket; an empty body and dot-stuffed lines end where they should."""
+    """The benchmarks' exact-wait sink (scripts/exact_wait_sink.py): lock-step (smtplib), then
+    pipelined groups on a raw socket with an empty body, a dot-stuffed line and a body whose
+    end comes split over two writes: every reply in order, nothing extra, the count right."""
     import socket
     import time
     sink = _exact_wait_sink()(0.3)
@@ -118,24 +119,31 @@ def test_exact_wait_sink_waits_before_each_data_reply_and_counts() -> None:
         c = smtplib.SMTP("127.0.0.1", sink.port)
         c.ehlo()
         assert c.has_extn("pipelining")
-        for body in (MAIL, b"", b"Subject: dots\r\n\r\n..leading dot\r\n.\r\n"):
-            t0 = time.monotonic()
-            c.sendmail("a@b.example", ["x@example.com"], body)
-            assert 0.3 <= time.monotonic() - t0 < 1.2  # loose above: a loaded machine
+        t0 = time.monotonic()
+        c.sendmail("a@b.example", ["x@example.com"], MAIL)
+        assert 0.3 <= time.monotonic() - t0 < 1.2  # loose above: a loaded machine
         c.quit()
-        s = socket.create_connection(("127.0.0.1", sink.port))
+        s = socket.create_connection(("127.0.0.1", sink.port), timeout=10)
         f = s.makefile("rb")
         assert f.readline().startswith(b"220")
         s.sendall(b"EHLO me\r\n")
         while f.readline()[3:4] == b"-":
             pass
-        t0 = time.monotonic()
-        s.sendall(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.com>\r\n"
-                  b"RCPT TO:<y@example.com>\r\nDATA\r\n")
-        assert [f.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
-        assert time.monotonic() - t0 >= 0.3
-        s.sendall(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
-        assert [f.readline()[:3] for _ in range(2)] == [b"250", b"221"]
+        group = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n"
+        for body in ([b".\r\n"],  # an empty message
+                     [b"Subject: dots\r\n\r\n..not the end\r\n.\r\n"],
+                     [b"Subject: split\r\n\r\nhi\r", b"\n.", b"\r\n"]):
+            t0 = time.monotonic()
+            s.sendall(group)
+            assert [f.readline()[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+            assert time.monotonic() - t0 >= 0.3
+            for piece in body:
+                s.sendall(piece)
+                time.sleep(0.05)
+            assert f.readline()[:3] == b"250"
+        s.sendall(b"QUIT\r\n")
+        assert f.readline()[:3] == b"221" and f.read() == b""  # no reply left over
         s.close()
     finally:
-        assert sink.stop() == 4
+        count = sink.stop()
+    assert count == 4
