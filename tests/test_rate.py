@@ -142,6 +142,30 @@ def test_cancel_wakes_waiters_at_once() -> None:
     assert len(done) == 10 and max(done) - t0 < 0.5
 
 
+def test_a_thread_still_gets_a_slot_when_the_ones_granted_were_stale_on_arrival() -> None:
+    """A grant that arrives too late to use (a starved process: the slots are past `late_ok`)
+    is dropped, and the helper must then ask again. It once did not: the waiting thread dropped
+    the stale slots and slept, the helper slept too (it had just filled the deque), and the
+    last batch of a run hung for good (seen once in the suite, after an actor was killed)."""
+    calls: list[int] = []
+
+    def grant(n: int) -> tuple[list[float], float]:
+        calls.append(n)
+        now = time.time()
+        if len(calls) == 1:
+            return [now - 1.0, now - 1.0], now  # two slots, both stale by the time they land
+        return [now + 0.01] * n, now
+
+    limiter = SlotLimiter(grant, max_chunk=10)
+    waiter = threading.Thread(target=limiter.wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout=5)
+    alive = waiter.is_alive()
+    limiter.cancel()
+    assert not alive, "the waiting thread never got a slot"
+    assert len(calls) == 2 and limiter.slots_dropped == 2
+
+
 @pytest.mark.parametrize("mode", ["threads", "async"])
 def test_stop_abandons_messages_waiting_for_a_slot_instead_of_sending_them(
         tmp_path: Path, mode: str) -> None:

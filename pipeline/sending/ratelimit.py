@@ -158,10 +158,17 @@ class SlotLimiter:
         """The earliest slot not yet too late, dropping stale ones."""
         slots = self._slots
         too_old = self._clock() - self._late_ok
+        dropped = False
         while slots and slots[0] < too_old:
             slots.popleft()
             self.slots_dropped += 1
+            dropped = True
         if not slots:
+            if dropped:
+                # The helper sleeps once the deque holds what the waiters want; dropping those
+                # slots changes that, and without this wake-up a waiting thread slept for good
+                # (the last batch of a run hung, once, on a starved machine).
+                self._cv.notify_all()
             return None
         self.slots_taken += 1
         slot = slots.popleft()
