@@ -44,7 +44,6 @@ def run_campaign(config: CampaignConfig, *,
     with stages.time("plan"):
         p = plan(config, hooks=hooks)
         ray_session.check_address(config)
-        send_stage.prefetch_imports(config)  # flags and files are checked: import Ray meanwhile
         send = with_bodies(p.send)  # actors get the template text, not a path to read
         fields = ("name",) + tuple(sorted(header_fields(send.message) - {"name"}))
         units = recipients.units(p.input)
@@ -52,7 +51,8 @@ def run_campaign(config: CampaignConfig, *,
                                  header_fields=fields,
                                  partitions=_partitions(config, p, sum(u.rows for u in units)))
     if config.dry_run:  # renders only: no lease; the ledger is only read, never written
-        return _dry_run(config, p, send, units, rules, stages, hooks)
+        with send_stage.prefetching(config):
+            return _dry_run(config, p, send, units, rules, stages, hooks)
     # Held from before the ledger is read until the last ledger write: no second run of this
     # campaign reads a ledger this one is still adding to. Taken before Ray starts, so a
     # campaign already running is one line and exit 2 within a second.
@@ -60,7 +60,8 @@ def run_campaign(config: CampaignConfig, *,
     lease = Lease.acquire(p.run_dir, run_id=p.run_id, ttl=config.lease_ttl)
     discard = False
     try:
-        return _run(config, p, send, units, rules, lease, hooks, stages, started_at)
+        with send_stage.prefetching(config):
+            return _run(config, p, send, units, rules, lease, hooks, stages, started_at)
     except UsageError:
         # Found by the load's tasks (a broken data page, repeated ids): nothing was sent or
         # recorded. A campaign this run created leaves nothing behind (its lease, Ray's log).

@@ -9,11 +9,13 @@ asked to (or when the campaign lease is lost). Ray is started by the caller (cam
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +34,7 @@ POLL = 0.2  # seconds between the driver's looks at progress, the stop flag and 
 # Ray Data's iterator. Ray must not be shut down under a thread still inside the iterator: the
 # core worker then ends the whole process ("already been shutdown"), before the ledger is folded.
 FEEDER_JOIN = 10.0
+PREFETCH_JOIN = 30.0  # seconds: the imports take 1-2 s, more on a loaded machine
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,10 +317,10 @@ def _stats(ds: Any) -> list[dict[str, Any]]:
     return out
 
 
-def prefetch_imports(config: CampaignConfig) -> None:
+def _prefetch_imports(config: CampaignConfig) -> threading.Thread:
     """Import Ray, Ray Data and the actors module (1.2 s on this machine) and, for charts,
-    matplotlib (0.3 s) in a background thread while the run takes its lease and starts Ray
-    (`ray.init` waits on Ray's processes, part of it with the CPU idle). Importing starts
+    matplotlib (0.3 s) in a background thread while the run starts Ray (`ray.init` waits on
+    Ray's processes, part of it with the CPU idle). Importing starts
     nothing: an error found before Ray starts still ends the run before it."""
     def work() -> None:
         try:
@@ -330,4 +333,20 @@ def prefetch_imports(config: CampaignConfig) -> None:
                 import matplotlib.figure  # noqa: F401
         except Exception:  # noqa: BLE001 - the real import, later, reports any problem
             pass
-    threading.Thread(target=work, name="prefetch-imports", daemon=True).start()
+    thread = threading.Thread(target=work, name="prefetch-imports", daemon=True)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def prefetching(config: CampaignConfig) -> Iterator[None]:
+    """Ray's imports on a thread (`_prefetch_imports`) while the run starts, joined before the
+    run returns. A process that exits while the thread is inside an extension module's import
+    can abort ("FATAL: exception not rethrown", exit -6): seen once in the suite when the
+    thread ran from before the lease and a launch that found its campaign already running
+    exited. The caller enters this once every flag, file and the lease are checked."""
+    thread = _prefetch_imports(config)
+    try:
+        yield
+    finally:
+        thread.join(PREFETCH_JOIN)  # done long ago, unless the run failed early

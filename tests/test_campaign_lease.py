@@ -219,3 +219,35 @@ def test_dry_run_takes_no_lease(tmp_path: Path) -> None:
         assert len(_lease_files(run_dir)) == 1
     finally:
         held.release()
+
+
+def test_a_launch_that_finds_its_campaign_running_exits_before_importing_ray(
+        tmp_path: Path) -> None:
+    # Ray's imports start on a thread only once the lease is the run's: a process leaving
+    # while that thread was inside an extension module's import aborted once in the suite
+    # ("FATAL: exception not rethrown", exit -6). Run in a process of its own, without Ray.
+    import subprocess
+    import sys
+    write_recipients(tmp_path / "in.parquet", 20)
+    code = """
+import sys, threading
+from pipeline.campaign import run_campaign
+from pipeline.config import CampaignConfig, SendConfig
+from pipeline.errors import UsageError
+from pipeline.lease import Lease
+runs = sys.argv[2]
+Lease.acquire(runs + "/held", run_id="the-other-run", ttl=600)
+try:
+    run_campaign(CampaignConfig(input=sys.argv[1], runs_dir=runs, campaign="held",
+                                dashboard=False, send=SendConfig(actors=1, latency=0.01)))
+except UsageError as exc:
+    print("usage:", exc)
+alive = [t.name for t in threading.enumerate() if t.name == "prefetch-imports"]
+print("ray imported:", "ray" in sys.modules, "threads:", alive)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.parquet"),
+                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout and "the-other-run" in out.stdout, out.stdout
+    assert "ray imported: False threads: []" in out.stdout, out.stdout
