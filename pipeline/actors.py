@@ -7,7 +7,9 @@ writer), work in `__call__(batch)`. Its `map_batches` arguments live beside it
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import gc
 import math
 import os
@@ -32,12 +34,19 @@ SUMMARY_SCHEMA = pa.schema([
     ("retries", pa.int64()), ("crashed", pa.int64()), ("finished_at", pa.float64()),
 ])
 NOT_STARTED = 0  # begin_batch's answer once the run stops: the batch is left for the resume
+# How long the first sender actor up holds its first batch for the others (Coordinator.
+# wait_for_pool). Ray Data hands batches to each actor as it comes up: on 2 cores the card's 8
+# actors sent their first emails 0.3-1.8 s apart, each actor's starting slowed the ones already
+# sending, and the last batches ran on fewer actors (README, "The card against a slow
+# server"). Bounded, so a cluster still adding nodes for the rest sends with those up.
+POOL_START_BOUND = 10.0
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class Coordinator:
     """Per-run shared state the sender actors consult: batch attempt counts, the batches under
-    way, and whether they may still send (the stop flag and the campaign lease's deadline).
+    way, whether they may still send (the stop flag and the campaign lease's deadline), and
+    which of them are up, so that they start sending together (POOL_START_BOUND).
 
     It asks for no CPU and is pinned to the driver's node, so it lives exactly as long as the
     run, and its clock is the driver's, the clock the lease deadline was computed with.
@@ -48,6 +57,30 @@ class Coordinator:
         self._stopping = False
         self._active = 0
         self._valid_until = valid_until  # None: no lease (it never runs out)
+        # The sender actors set up so far, by name: a restarted actor keeps its actor id (and
+        # so its name), and must not stand in for one that is not up yet.
+        self._up: set[str] = set()
+        self._first_up: float | None = None
+        self._pool_up = asyncio.Event()  # the pool's wait is over: all up, or stopping
+
+    def sender_up(self, actor: str, pool: int) -> None:
+        """Sender actor `actor`, of a pool of `pool`, has finished its setup."""
+        self._up.add(actor)
+        if self._first_up is None:
+            self._first_up = time.monotonic()
+        if len(self._up) >= pool:
+            self._pool_up.set()
+
+    async def wait_for_pool(self, bound: float) -> int:
+        """Return once every sender actor is up, a stop was asked, or `bound` seconds after the
+        first one was up, whichever comes first (a lease that runs out meanwhile is found by
+        begin_batch, which then starts nothing); how many are up."""
+        if not self._pool_up.is_set() and not self.is_stopping():
+            start = self._first_up if self._first_up is not None else time.monotonic()
+            left = start + bound - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pool_up.wait(), max(0.0, left))
+        return len(self._up)
 
     def begin_batch(self, key: str) -> int:
         """Count an attempt at a batch as it starts running (above 1: a worker died running
@@ -71,11 +104,14 @@ class Coordinator:
         return self._attempts.get(key, 0)
 
     def extend(self, valid_until: float) -> None:
-        """The lease was renewed: sending may go on until `valid_until` (driver clock)."""
-        self._valid_until = valid_until
+        """The lease was renewed: sending may go on until `valid_until` (driver clock). An
+        async actor (wait_for_pool) may run two renewals sent unawaited out of order: the
+        later deadline holds."""
+        self._valid_until = max(valid_until, self._valid_until or valid_until)
 
     def stop(self) -> None:
         self._stopping = True
+        self._pool_up.set()  # actors waiting for the pool go on, and find the run stopping
 
     def is_stopping(self) -> bool:
         if not self._stopping and self._valid_until is not None and time.time() > self._valid_until:
@@ -181,6 +217,11 @@ class SendBatches:
         else:
             assert isinstance(sender, Sender)
             self.engine = ThreadEngine(sender, **common)
+        # Checked without the lock on every batch, taken only until the pool is up.
+        self._pool_up = False
+        self._pool_lock = threading.Lock()
+        with contextlib.suppress(ray.exceptions.RayActorError):  # gone: the run is ending
+            ray.get(coordinator.sender_up.remote(self.actor, config.actors))
 
     def _stop_requested(self) -> bool:
         """Asked from the batch's own call thread (every 0.25 s while it runs): a `ray.get` from
@@ -196,6 +237,8 @@ class SendBatches:
         n = batch.num_rows
         if n == 0:
             return _summary(0, BatchCounts())
+        if not self._pool_up:
+            self._wait_for_pool()
         key = f"{ids[0].as_py()}:{ids[n - 1].as_py()}:{n}"
         if ray.get(self.coordinator.attempts.remote(key)) == 0:
             return self._begin(batch, key)
@@ -205,6 +248,16 @@ class SendBatches:
         # finishes when it runs alone, while the poisoned one runs out of attempts.
         with self._retry_lock:
             return self._begin(batch, key)
+
+    def _wait_for_pool(self) -> None:
+        """Before this actor's first send: wait until every sender actor is up (bounded)."""
+        with self._pool_lock:  # every call Ray Data has in flight here waits; one asks
+            if not self._pool_up:
+                # The coordinator gone: the run is ending, and the batch's next call to it
+                # fails the batch.
+                with contextlib.suppress(ray.exceptions.RayActorError):
+                    ray.get(self.coordinator.wait_for_pool.remote(POOL_START_BOUND))
+                self._pool_up = True
 
     def _begin(self, batch: pa.Table, key: str) -> pa.Table:
         attempt = ray.get(self.coordinator.begin_batch.remote(key))
