@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import smtplib
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -104,6 +106,40 @@ def bulkmail(port: int, path: Path, work: Path, *, mode: str, actors: int, per_a
     return rep.send.emails_per_s, rep.counts.sent / wall, rep.counts.sent
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def card_shape(run_dir: Path, trim: float = 3.0) -> dict[str, float] | None:
+    """From the card's ledger: `steady`, the rate (messages/s) once every actor sends, without
+    the send window's first and last `trim` seconds; `spread`, how far apart the actors' first
+    emails went out (s); `fewest` and `most`, messages per actor. None for a run too short to
+    say. Against a sink that answers in bursts, the steady span runs from one burst's first
+    reply to another's (a burst: replies less than 0.3 s apart), so it holds whole bursts."""
+    import polars as pl
+
+    from pipeline import ledger
+    sent = ledger.read_ledger(str(run_dir)).filter(pl.col("status") == "sent")
+    if sent.height == 0:
+        return None
+    done = sent["finished_at"].sort()
+    lo = sent["started_at"].min() + timedelta(seconds=trim)
+    hi = done[-1] - timedelta(seconds=trim)
+    if hi - lo < timedelta(seconds=trim):
+        return None
+    gap = done.diff().dt.total_microseconds().fill_null(10**9) > 300_000
+    bursts = done.filter(gap & (done >= lo) & (done <= hi))
+    a, b = (bursts[0], bursts[-1]) if bursts.len() >= 2 else (lo, hi)
+    inside = done.filter((done >= a) & (done < b)).len()
+    per_actor = sent.group_by("actor").agg(pl.len().alias("n"), pl.col("started_at").min())
+    first = per_actor["started_at"]
+    return {"steady": inside / (b - a).total_seconds(),
+            "spread": (first.max() - first.min()).total_seconds(),
+            "fewest": float(per_actor["n"].min()), "most": float(per_actor["n"].max())}
+
+
 def card_server(kind: str) -> tuple[Any, Any]:
     """The card's server, waiting 1 s per DATA in a process of its own, and how to stop it."""
     if kind == "exact":
@@ -125,7 +161,7 @@ def card_server(kind: str) -> tuple[Any, Any]:
         def stop() -> None:
             proc.terminate()
             proc.wait(10)
-        return argparse.Namespace(port=port), stop
+        return argparse.Namespace(port=port, pid=proc.pid), stop
     sink = SmtpSink(1)
     return sink, sink.stop
 
@@ -181,16 +217,27 @@ def main(argv: list[str] | None = None) -> int:
         card.write_parquet(card_path)
         server, stop = card_server(a.card_server)
         try:
+            cpu0 = cpu_seconds(server.pid)
             window, _, sent = bulkmail(server.port, card_path, work, mode="threads", actors=8,
                                        per_actor=100, campaign="bench-card")
+            server_cpu = cpu_seconds(server.pid) - cpu0
         finally:
             stop()
-        latency = json.loads((work / "runs" / "bench-card" / "report.json").read_text())["latency_s"]
+        run_dir = work / "runs" / "bench-card"
+        latency = json.loads((run_dir / "report.json").read_text())["latency_s"]
         name = {"smtp-sink": "smtp-sink -w 1", "exact": "exact_wait_sink.py --wait 1",
                 "aiosmtpd": "aiosmtpd, smtp_sink.py --delay 1"}[a.card_server]
+        shape = card_shape(run_dir)
         print(f"\ncard (8 actors × 100 threads) vs {name}, {sent:,} messages: "
               f"{window:,.0f}/s in the send window, {window / 800:.2f} of the ideal 800/s "
               f"(latency p50 {latency['p50']:.3f} s, p99 {latency['p99']:.3f} s)")
+        if shape is not None:
+            print(f"  once every actor sends (the window less its first and last 3 s): "
+                  f"{shape['steady'] / 800:.2f} of ideal; the actors' first emails "
+                  f"{shape['spread']:.2f} s apart; {shape['fewest']:,.0f}-{shape['most']:,.0f} "
+                  "messages per actor")
+        if sent:
+            print(f"  the server's CPU: {server_cpu / sent * 1e6:.0f} µs per message")
     ray.shutdown()
     return 0
 

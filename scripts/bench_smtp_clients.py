@@ -87,6 +87,10 @@ class SmtpSink:
                     raise SystemExit(f"smtp-sink did not start: {err.strip()}") from None
                 time.sleep(0.05)
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

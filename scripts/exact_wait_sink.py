@@ -118,6 +118,10 @@ class ExactWaitSink:
             self.stop()
             raise SystemExit("exact_wait_sink.py did not start")
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def stop(self) -> int:
         """Stop it; the number of messages it accepted."""
         if self.proc.poll() is None:
