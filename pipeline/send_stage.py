@@ -320,8 +320,8 @@ def _stats(ds: Any) -> list[dict[str, Any]]:
 def _prefetch_imports(config: CampaignConfig) -> threading.Thread:
     """Import Ray, Ray Data and the actors module (1.2 s on this machine) and, for charts,
     matplotlib (0.3 s) in a background thread while the run starts Ray (`ray.init` waits on
-    Ray's processes, part of it with the CPU idle). Importing starts
-    nothing: an error found before Ray starts still ends the run before it."""
+    Ray's processes, part of it with the CPU idle). Importing starts nothing: an error found
+    before Ray starts still ends the run before it."""
     def work() -> None:
         try:
             ray_session.prepare_import(config)

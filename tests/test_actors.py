@@ -22,25 +22,27 @@ def still_waiting(ref: Any, seconds: float = 0.5) -> bool:
     return not ready
 
 
-def test_the_first_senders_up_wait_until_the_whole_pool_is() -> None:
+def wait_released_by_the_last(first: list[str], last: str, pool: int) -> Any:
+    """Senders `first` register; a wait for the pool blocks until `last` registers too, then
+    returns how many are up. The coordinator, for more checks."""
     import ray
     c = coordinator()
-    ray.get([c.sender_up.remote("a", 3), c.sender_up.remote("b", 3)])
+    ray.get([c.sender_up.remote(name, pool) for name in first])
     waiting = c.wait_for_pool.remote(60)
     assert still_waiting(waiting)
-    ray.get(c.sender_up.remote("c", 3))
-    assert ray.get(waiting, timeout=10) == 3
+    ray.get(c.sender_up.remote(last, pool))
+    assert ray.get(waiting, timeout=10) == pool
+    return c
+
+
+def test_the_first_senders_up_wait_until_the_whole_pool_is() -> None:
+    wait_released_by_the_last(["a", "b"], "c", pool=3)
 
 
 def test_a_restarted_sender_does_not_stand_in_for_one_not_up_yet() -> None:
     # A sender actor restarted after its process died keeps its actor id, hence its name.
     import ray
-    c = coordinator()
-    ray.get([c.sender_up.remote("a", 2), c.sender_up.remote("a", 2)])
-    waiting = c.wait_for_pool.remote(60)
-    assert still_waiting(waiting)
-    ray.get(c.sender_up.remote("b", 2))
-    assert ray.get(waiting, timeout=10) == 2
+    c = wait_released_by_the_last(["a", "a"], "b", pool=2)
     assert ray.get(c.wait_for_pool.remote(60), timeout=10) == 2  # up: no wait any more
 
 
