@@ -324,7 +324,6 @@ def _prefetch_imports(config: CampaignConfig) -> threading.Thread:
     before Ray starts still ends the run before it."""
     def work() -> None:
         try:
-            ray_session.prepare_import(config)
             import ray.data  # noqa: F401
 
             from . import actors  # noqa: F401
@@ -344,7 +343,13 @@ def prefetching(config: CampaignConfig) -> Iterator[None]:
     run returns. A process that exits while the thread is inside an extension module's import
     can abort ("FATAL: exception not rethrown", exit -6): seen once in the suite when the
     thread ran from before the lease and a launch that found its campaign already running
-    exited. The caller enters this once every flag, file and the lease are checked."""
+    exited. The caller enters this once every flag, file and the lease are checked.
+
+    Ray's environment is set here, before the thread starts: Ray reads it when first imported,
+    by whichever thread, and the caller may import a stage module (which imports Ray) before
+    the thread has run. A dry run once did, in CI: Ray came up without token authentication
+    and could not join the cluster."""
+    ray_session.prepare_import(config)
     thread = _prefetch_imports(config)
     try:
         yield

@@ -166,6 +166,33 @@ def test_a_thread_still_gets_a_slot_when_the_ones_granted_were_stale_on_arrival(
     assert len(calls) == 2 and limiter.slots_dropped == 2
 
 
+def test_a_slot_a_later_thread_takes_first_is_asked_for_again() -> None:
+    """A thread woken for a granted slot may find that a thread which came later took it first:
+    the deque is empty again while the helper, which counted that slot as the woken thread's,
+    sleeps. It once slept for good, and so did the woken thread (the pacing test above hung
+    once in the suite, 2 cores under load). The woken thread that has not run yet is set up
+    here as what the limiter sees of it: one waiter counted, the slot in the deque."""
+    calls: list[int] = []
+
+    def grant(n: int) -> tuple[list[float], float]:
+        calls.append(n)
+        now = time.time()
+        return [now + 0.01] * n, now
+
+    limiter = SlotLimiter(grant, max_chunk=10)
+    limiter.wait()  # the helper is up, has granted one slot and sleeps: nothing is wanted
+    with limiter._cv:
+        assert calls == [1] and not limiter._slots and limiter._reserve() == 0
+        limiter._hungry += 1  # woken, not yet run
+        limiter._slots.append(time.time() + 0.01)  # the slot it was woken for
+    limiter.wait()  # the later thread takes it
+    deadline = time.time() + 5
+    while len(calls) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    limiter.cancel()
+    assert len(calls) == 2, "the helper slept while a waiting thread had no slot"
+
+
 @pytest.mark.parametrize("mode", ["threads", "async"])
 def test_stop_abandons_messages_waiting_for_a_slot_instead_of_sending_them(
         tmp_path: Path, mode: str) -> None:
