@@ -137,11 +137,7 @@ class SlotLimiter:
         self._clock = clock
         self._retry_after = retry_after
         self._cancelled = threading.Event()
-        # One lock, two conditions: waiting threads sleep on `_cv`, the helper on `_need`, so
-        # that telling the helper (on every slot that leaves the deque) wakes nobody else.
-        lock = threading.RLock()
-        self._cv = threading.Condition(lock)
-        self._need = threading.Condition(lock)
+        self._cv = threading.Condition()
         self._slots: collections.deque[float] = collections.deque()  # this host's clock
         self._backlogged = False  # grants land beyond `ahead`: fetch for waiters only
         self._hungry = 0  # waiters (threads or coroutines) that found no slot
@@ -162,19 +158,23 @@ class SlotLimiter:
         """The earliest slot not yet too late, dropping stale ones."""
         slots = self._slots
         too_old = self._clock() - self._late_ok
+        dropped = False
         while slots and slots[0] < too_old:
             slots.popleft()
             self.slots_dropped += 1
+            dropped = True
         slot = slots.popleft() if slots else None
         if slot is not None:
             self.slots_taken += 1
-        if len(slots) < self._hungry + self._reserve():
-            # The helper sleeps while the deque holds what the waiters and the reserve want, so
-            # any slot leaving it, taken or dropped as stale, must tell it. Twice a waiting
+        if len(slots) < self._reserve() or (not slots and (dropped or slot is not None)
+                                             and self._hungry):
+            # The helper tops the reserve up; and it sleeps once the deque holds what the
+            # waiters want, so a deque emptied under a waiter must wake it. Twice a waiting
             # thread slept for good without this: the slots it was woken for were stale on
             # arrival (the last batch of a run hung, after an actor kill), or a thread that
             # came later took them first (test_rate's pacing test hung, 2 cores under load).
-            self._need.notify()
+            # Not on a pop that found nothing to remove: woken waiters would wake each other.
+            self._cv.notify_all()
         return slot
 
     def _reserve(self) -> int:
@@ -212,7 +212,7 @@ class SlotLimiter:
         while not self._cancelled.is_set():
             with cv:
                 while not self._cancelled.is_set() and self._want() == 0:
-                    self._need.wait()
+                    cv.wait()
                 # Gather what else is wanted for a moment: granted slots are at least the
                 # schedule's lead (50 ms) ahead, so this delays no send, and one round trip
                 # serves many. Frequent small requests also pick up slots another actor gave
@@ -220,7 +220,7 @@ class SlotLimiter:
                 deadline = self._clock() + self._linger
                 while not self._cancelled.is_set() and self._want() < self.max_chunk \
                         and (left := deadline - self._clock()) > 0:
-                    self._need.wait(left)
+                    cv.wait(left)
                 if self._cancelled.is_set():
                     return
                 now = self._clock()
@@ -265,7 +265,6 @@ class SlotLimiter:
         self._cancelled.set()
         with self._cv:
             self._cv.notify_all()
-            self._need.notify_all()
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
             try:
@@ -285,7 +284,7 @@ class SlotLimiter:
             if slot is None:
                 self._ensure_helper()
                 self._hungry += 1
-                self._need.notify()
+                cv.notify_all()
                 try:
                     while slot is None and not self._cancelled.is_set():
                         cv.wait()
@@ -328,7 +327,7 @@ class SlotLimiter:
                 self._async_waiters.append(fut)
                 self._hungry += 1
                 self._ensure_helper()
-                self._need.notify()
+                self._cv.notify_all()
         assert self._wake is not None
         wake = loop.create_task(self._wake.wait())
         try:
