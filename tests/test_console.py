@@ -101,8 +101,8 @@ def check_dashboard(url: str, command: str, pool: str) -> None:
 
 class DashboardCheck:
     """Runs `check_dashboard` on a thread once the run has printed the dashboard's address and
-    the command that prints its token, while the run is still sending (one Ray start serves
-    the console test and this one: each costs 10-20 s of a 2-core machine)."""
+    the command that prints its token, while the run is still sending: the console test's Ray
+    of its own serves this check too (a start costs 10-20 s of a 2-core machine)."""
 
     def __init__(self, pool: str) -> None:
         self.pool = pool
@@ -141,8 +141,8 @@ def test_console_in_a_100_column_terminal_is_quiet_and_fits_and_its_dashboard_an
         tmp_path: Path) -> None:
     write_recipients(tmp_path / "in.parquet", 3000)
     # 0.05 s a send: 2 x 10 threads take 7.5 s, so the dashboard is asked while the run sends.
-    args = ["--input", "in.parquet", "--campaign", "pty", "--actors", "2",
-            "--threads-per-actor", "10", "--latency", "0.05", "--no-charts"]
+    common = ["--input", "in.parquet", "--actors", "2", "--threads-per-actor", "10", "--no-charts"]
+    args = [*common, "--campaign", "pty", "--latency", "0.05"]
     dashboard = DashboardCheck("SendBatches[pty]")
     code, text = run_in_pty(args, tmp_path, on_output=dashboard)
     assert code == 0, text
@@ -160,7 +160,7 @@ def test_console_in_a_100_column_terminal_is_quiet_and_fits_and_its_dashboard_an
 
     # Joining the session's Ray (10 s less than starting one): the driver's own INFO lines
     # (Ray Data's) and the workers' output are shown all the same.
-    code, text = run_in_pty([*args, "--campaign", "pty-verbose", "--verbose", "--latency", "0.02"],
-                            tmp_path, own_ray=False)
+    code, text = run_in_pty([*common, "--campaign", "pty-verbose", "--verbose", "--latency",
+                             "0.02"], tmp_path, own_ray=False)
     assert code == 0, text
     assert any(word in text for word in ("INFO", "core_worker", "WARNING")), text
