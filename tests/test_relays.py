@@ -42,7 +42,7 @@ from pipeline.sending.smtp import AsyncSmtpSender, SmtpSender
 from pipeline.sending.threads import ThreadEngine
 
 from .conftest import campaign, cli, read_ledger, run_then_stop, write_recipients
-from .pacing import all_sending, check_paced
+from .pacing import all_sending, check_paced, per_second
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 FROM = "News <news@bulkmail.example>"
@@ -374,9 +374,18 @@ def test_a_relay_rate_holds_in_every_second_while_the_other_is_unlimited(
         assert rep.counts.sent == rows and (led["status"] == "sent").all()
         on_free = [r.rcpt_tos[0] for r in free.received]
     arrivals = rated.arrivals()
-    per_second = check_paced(arrivals, rate, since=all_sending(led))
-    print(f"rated relay per second: {per_second}; other relay: {len(on_free)} messages")
-    assert len(per_second) >= 4, per_second
+    since = all_sending(led)
+    try:
+        counts = check_paced(arrivals, rate, since=since)
+    except AssertionError as exc:
+        # Seen once in CI (async): [98, 1, 46, 99, ...], a 1.5 s pause on this relay in both
+        # actors. Whether every send paused too (the machine or Ray) or only this relay's
+        # (its leaving rotation, the limiter) is in the ledger's start times of both relays.
+        starts = [t.timestamp() for t in led["started_at"].to_list()]
+        raise AssertionError(f"{exc}; sends started on both relays, per second: "
+                             f"{per_second(starts, since=since)}") from exc
+    print(f"rated relay per second: {counts}; other relay: {len(on_free)} messages")
+    assert len(counts) >= 4, counts
     seconds = arrivals[-1] - arrivals[0]
     assert len(on_free) / seconds > rate * 1.2  # the other relay is not held to that rate
     assert sorted(rated.recipients() + on_free) == sorted(pl.read_parquet(path)["email"].to_list())
