@@ -36,6 +36,7 @@ from pipeline import compose
 from pipeline.compose import ComposeError, Composer
 from pipeline.config import MessageConfig
 from pipeline.messages import HEADER_UNSAFE, Message
+from pipeline.templates import environment
 
 FROM = "News Desk <news@bulkmail.example>"
 MID = "<spring.7@bulkmail.example>"
@@ -445,3 +446,19 @@ def test_a_utf8_sender_makes_every_message_smtputf8() -> None:
 def test_values_that_cannot_be_written_are_compose_errors(fields: dict[str, Any]) -> None:
     with pytest.raises(ComposeError):
         envelope(COMPOSERS[(True, "https")], **fields)
+
+
+def test_rendering_matches_jinja2s_own_render_with_globals_filters_and_shadowing() -> None:
+    """The composer renders without Template.render (compose._render): the same text, with the
+    environment's globals (range) and filters, and a recipient field named like a global
+    overriding it, as in render."""
+    subject = "{% for i in range(2) %}{{ i }}{% endfor %} {{ name|upper }} {{ cycler }}"
+    c = Composer(MessageConfig(from_addr="a@b.example", subject=subject, body="{{ dict }}!\n"),
+                 campaign="g")
+    m = Message(1, "x@y.example", "<g.1@b.example>", {"name": "ann", "cycler": "mine"})
+    got = c.compose(m)
+    ref = environment().from_string(subject).render(
+        {"id": 1, "email": "x@y.example", "campaign": "g", "name": "ann", "cycler": "mine"})
+    assert got["Subject"] == ref == "01 ANN mine"
+    assert got.get_content() == environment().from_string("{{ dict }}!\n").render() \
+        == "<class 'dict'>!\n"
