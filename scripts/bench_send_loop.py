@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow as pa
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -55,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         fields = tuple(c for c in table.column_names if c not in ("id", "email"))
         batches = [table.slice(i, 1000) for i in range(0, a.messages, 1000)]
 
-        def one(batch: object) -> int:
-            msgs = messages.from_batch(batch, campaign="loop",  # type: ignore[arg-type]
-                                       domain="bulkmail.example", fields=fields)
+        def one(batch: pa.Table) -> int:
+            msgs = messages.from_batch(batch, campaign="loop", domain="bulkmail.example",
+                                       fields=fields)
             writer.assign([m.id for m in msgs], [0] * len(msgs))
             sent = engine.run(msgs).sent
             writer.flush()
