@@ -17,6 +17,8 @@ from pipeline.lab.sink import Sink
 from pipeline.messages import Message
 from pipeline.templates import (
     check_fields,
+    environment,
+    fill,
     header_fields,
     referenced_fields,
 )
@@ -149,6 +151,39 @@ def test_null_fields_render_empty() -> None:
     m = c.compose(message(name=None))
     assert m["Subject"] == "Hi !" and m["To"] == "ada@example.com"
 
+
+_TEXT = st.text(st.characters(blacklist_characters="{", blacklist_categories=("Cs",)), max_size=12)
+_VALUE = st.one_of(st.none(), st.text(max_size=8), st.text("<>&\"' aé\n", min_size=1, max_size=6),
+                   st.integers(), st.floats(), st.booleans())
+_NAMES = ("name", "city", "id", "email", "campaign", "absent", "range", "cycler")
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(_TEXT, min_size=1, max_size=5), names=st.lists(st.sampled_from(_NAMES), max_size=4),
+       fields=st.dictionaries(st.sampled_from(_NAMES), _VALUE, max_size=4), autoescape=st.booleans())
+def test_a_fill_renders_what_jinja2_renders(texts: list[str], names: list[str],
+                                            fields: dict[str, object], autoescape: bool) -> None:
+    """templates.Fill, the composer's path for text and bare names, against Jinja2 itself: any
+    text, values of every column type (null included), names that are builtins, globals
+    (`range`, `cycler`) or nothing at all."""
+    source = "".join(t + "{{ " + n + " }}" for t, n in zip(texts, names, strict=False))
+    source += texts[-1]  # zip stops at the shorter list
+    env = environment(autoescape)
+    template = env.from_string(source)
+    builtins = {"id": 7, "email": "a@example.com", "campaign": "spring"}
+    f = fill(env, source)
+    assert f is not None
+    out = f(fields, builtins, template.globals)
+    if out is None:  # left to Jinja2: a name only a global answers
+        assert any(n in template.globals and n not in fields and n not in builtins for n in names)
+    else:
+        assert out == template.render({**builtins, **fields})
+
+
+@pytest.mark.parametrize("source", ["{{ name|upper }}", "{% if name %}x{% endif %}", "{{ 'a' }}",
+                                    "{{ user.name }}", "{{ name }}{% for i in range(2) %}{% endfor %}"])
+def test_anything_but_text_and_bare_names_is_left_to_jinja2(source: str) -> None:
+    assert fill(environment(False), source) is None
 
 
 def test_check_fields(tmp_path: Path) -> None:
