@@ -4,10 +4,13 @@ A subprocess of tests/test_multinode.py and scripts/bench_nodes.py: `ray.cluster
 cannot share a process with the test session's own `ray.init`.
 
     python tests/drivers/multinode.py --workdir DIR --rows N --nodes 3 [--remove-at 0.3]
+        [--then "--rows 4000 --remove-at 0.3" ...]
 
 The head gets 0 CPUs, as in cluster.yaml, so every sender runs on a worker node; each worker
 node gets --cpus logical CPUs. With --remove-at F, the last worker node is killed
-(`remove_node(allow_graceful=False)`) once F of the rows are in the send log.
+(`remove_node(allow_graceful=False)`) once F of the rows are in the send log. Each `--then`
+runs one more campaign, with its own flags, on the same cluster once the one before it has
+ended (a cluster takes 8-10 s to start here); its facts go in the JSON line's "then" list.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import threading
 import time
@@ -61,53 +65,35 @@ def _scrape_sent(ports: list[int], campaign: str) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--workdir", required=True)
+def _campaign_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="--then", add_help=False)
     p.add_argument("--rows", type=int, default=3000)
-    p.add_argument("--nodes", type=int, default=3, help="worker nodes (the head runs no senders)")
-    p.add_argument("--cpus", type=int, default=2, help="logical CPUs per worker node")
     p.add_argument("--actors-per-node", type=int, default=2)
     p.add_argument("--threads", type=int, default=10)
     p.add_argument("--latency", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--remove-at", type=float, default=None)
     p.add_argument("--metrics", action="store_true", help="check the Prometheus export too")
-    a = p.parse_args()
+    return p
 
-    work = Path(a.workdir)
+
+def _run(a: argparse.Namespace, name: str, work: Path, cluster: Cluster, workers: list[Any],
+         ports: list[int], t0: float) -> dict[str, Any]:
+    """One campaign on the cluster; removes the last worker node when `a.remove_at` says so."""
+    victim = workers[-1]
     work.mkdir(parents=True, exist_ok=True)
     input_path = work / "in.parquet"
     generate.generate(a.rows, seed=1).write_parquet(input_path)
     send_log = work / "send.log"
-
-    t0 = time.perf_counter()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False,
-        # Export metrics every second (default 10 s) so the check below is quick.
-        "_system_config": {"metrics_report_interval_ms": 1000},
-    })
-    workers = [cluster.add_node(num_cpus=a.cpus) for _ in range(a.nodes)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level=logging.WARNING)
-    from ray.data import DataContext
-    DataContext.get_current().enable_progress_bars = False
-    cluster_s = time.perf_counter() - t0
-    head_id = cluster.head_node.node_id
-    worker_ids = [w.node_id for w in workers]
-    ports = [int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
-
     config = CampaignConfig(
-        input=str(input_path), campaign="multi", runs_dir=str(work / "runs"),
+        input=str(input_path), campaign=name, runs_dir=str(work / "runs"),
         data_dir=str(work / "data"), dashboard=False, charts=False,
-        send=SendConfig(actors=a.actors_per_node * a.nodes, threads_per_actor=a.threads,
+        send=SendConfig(actors=a.actors_per_node * len(workers), threads_per_actor=a.threads,
                         latency=a.latency, cpus_per_actor=0.25, send_log=str(send_log),
                         batch_size=a.batch_size))
 
     removed: dict[str, Any] = {}
     if a.remove_at is not None:
-        victim = workers[-1]
-
         def remove_when_due() -> None:
             while _send_log_lines(send_log) < a.rows * a.remove_at:
                 time.sleep(0.02)
@@ -126,17 +112,48 @@ def main() -> None:
         deadline = time.time() + 15
         while time.time() < deadline:
             time.sleep(1.0)
-            again = _scrape_sent(ports, "multi")
+            again = _scrape_sent(ports, name)
             if again and again == scraped:
                 break
             scraped = again
+    return {"removed": removed, "metrics_sent": scraped, "counts": rep["counts"],
+            "send": rep["send"], "run_s": round(run_s, 2),
+            "ledger": str(work / "runs" / name / "ledger.parquet"), "send_log": str(send_log)}
 
+
+def main() -> None:
+    p = argparse.ArgumentParser(parents=[_campaign_parser()])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--nodes", type=int, default=3, help="worker nodes (the head runs no senders)")
+    p.add_argument("--cpus", type=int, default=2, help="logical CPUs per worker node")
+    p.add_argument("--then", action="append", default=[], metavar="FLAGS",
+                   help="one more campaign's flags (--rows, --remove-at, ...), run after")
+    a = p.parse_args()
+    thens = [_campaign_parser().parse_args(shlex.split(t)) for t in a.then]
+    if any(c.remove_at is not None for c in [a, *thens][:-1]):
+        p.error("--remove-at: only the last campaign may remove a node")
+
+    work = Path(a.workdir)
+    t0 = time.perf_counter()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        # Export metrics every second (default 10 s) so the check below is quick.
+        "_system_config": {"metrics_report_interval_ms": 1000},
+    })
+    workers = [cluster.add_node(num_cpus=a.cpus) for _ in range(a.nodes)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+    from ray.data import DataContext
+    DataContext.get_current().enable_progress_bars = False
+    cluster_s = time.perf_counter() - t0
+    ports = [int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]]
+
+    runs = [_run(c, f"multi{i or ''}", work / (f"c{i}" if i else ""), cluster, workers, ports,
+                 t0) for i, c in enumerate([a, *thens])]
     print(json.dumps({
-        "head": head_id, "workers": worker_ids, "removed": removed, "metrics_sent": scraped,
-        "counts": rep["counts"], "send": rep["send"], "cluster_s": round(cluster_s, 2),
-        "run_s": round(run_s, 2), "total_s": round(time.perf_counter() - t0, 2),
-        "ledger": str(work / "runs" / "multi" / "ledger.parquet"),
-        "send_log": str(send_log),
+        "head": cluster.head_node.node_id, "workers": [w.node_id for w in workers], **runs[0],
+        "then": runs[1:], "cluster_s": round(cluster_s, 2),
+        "total_s": round(time.perf_counter() - t0, 2),
     }))
     sys.stdout.flush()
     ray.shutdown()
