@@ -9,8 +9,9 @@ headers) is built once per Composer, and a message only renders and encodes what
 Subject, Date once a second, Message-ID, List-Unsubscribe, the bodies). `email.mime` cost
 130-300 µs a message here (plain; with an HTML part), this 16-24 µs (`python
 scripts/bench_send_loop.py`, its "compose" stage). Templates that are only text and bare
-`{{ name }}`s are filled by joining strings (templates.Fill), the rest rendered by Jinja2. tests/test_compose.py checks, with the `email` package's parser, that these
-messages read back as intended, and as the `email` package's own ones do.
+`{{ name }}`s are filled by joining strings (templates.Fill), the rest rendered by Jinja2.
+tests/test_compose.py checks, with the `email` package's parser, that these messages read back
+as intended, and as the `email` package's own ones do.
 """
 
 from __future__ import annotations
