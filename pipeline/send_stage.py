@@ -35,6 +35,8 @@ POLL = 0.2  # seconds between the driver's looks at progress, the stop flag and 
 # core worker then ends the whole process ("already been shutdown"), before the ledger is folded.
 FEEDER_JOIN = 10.0
 PREFETCH_JOIN = 30.0  # seconds: the imports take 1-2 s, more on a loaded machine
+SMTP_BATCHES_PER_ACTOR = 20  # with real SMTP, batches as large as leave each actor this many
+SMTP_BATCH_CAP = {"threads": 2_000, "async": 8_000}  # rows: and no larger (_smtp_batch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,16 +106,32 @@ def batch_size_for(send: SendConfig, rows: int) -> int:
         # is recorded), so the pool is fed in quarters, with more calls in flight (_calls).
         # Not below 1,000 rows (or the pool, if smaller): each call takes Ray Data tens of ms
         # to dispatch, and quarters of a small pool slowed its start (88% of ideal at 2 × 50).
-        quarter = max(math.ceil(send.concurrency / 4), min(send.concurrency, 1000))
-        return max(1, min(quarter, per_actor_share))
-    # Threads: one pool a batch, and at least half a second of the pool's sends where the
-    # latency is known (the fake sender): each call costs tens of ms, which halved the rate of
-    # 10-row batches at 0.05 s (2 × 10 threads, 3,000 rows). Not more: batches of 1,000 rows at
-    # 8 × 100 threads, 0.5 s, gave 0.948 of ideal against 0.985 with one pool (100).
-    size = send.concurrency
-    if send.sender == "fake" and 0 < send.latency < 0.5:
-        size = math.ceil(send.concurrency * 0.5 / send.latency)
+        size = max(math.ceil(send.concurrency / 4), min(send.concurrency, 1000))
+    else:
+        # Threads: one pool a batch, and at least half a second of the pool's sends where the
+        # latency is known (the fake sender): each call costs tens of ms, which halved the rate
+        # of 10-row batches at 0.05 s (2 × 10 threads, 3,000 rows). Not more: batches of 1,000
+        # rows at 8 × 100 threads, 0.5 s, gave 0.948 of ideal against 0.985 with one pool (100).
+        size = send.concurrency
+        if send.sender == "fake" and 0 < send.latency < 0.5:
+            size = math.ceil(send.concurrency * 0.5 / send.latency)
+    if send.sender == "smtp":
+        size = max(size, _smtp_batch(send, rows))
     return max(1, min(size, per_actor_share))
+
+
+def _smtp_batch(send: SendConfig, rows: int) -> int:
+    """A real server's latency is not known before the run. Against a fast one a pool's batch
+    is over in tens of ms, less than what Ray Data spends on each batch (about 6 ms of the
+    driver's CPU alone, and the pool waiting for the next one). Against smtp-sink on loopback,
+    100,000 messages, 2 actors × 100 threads sent 4,200-4,500/s in batches of 100 and
+    8,400-8,900/s in batches of 2,500; 2 × 2,000 async 19,600-20,300/s in 1,000 and
+    21,900-22,200/s in 2,500 (docs/ray-notes.md). So batches grow with the list while every
+    actor still gets SMTP_BATCHES_PER_ACTOR of them (the last ones, on fewer actors, then cost
+    the window a twentieth at most), up to a size that still ends within seconds against a
+    slow server: the progress line counts finished batches."""
+    per_actor = math.ceil(rows / (send.actors * SMTP_BATCHES_PER_ACTOR)) if rows else 1
+    return min(per_actor, SMTP_BATCH_CAP[send.mode])
 
 
 def calls_per_actor(send: SendConfig, batch_size: int) -> int:

@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     # One local Ray for every bulkmail row (as a long-lived cluster would be).
     ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.ERROR,
              log_to_driver=False)
+    import ray.data  # configures its own logging when first imported: quieted after that
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
     if not a.card_only:
         people = generate.generate(a.messages, seed=1)
