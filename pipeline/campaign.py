@@ -101,6 +101,7 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
             storage.makedirs(p.run_dir)
             load_stage.write_settled(loaded, run_dir=p.run_dir, run_id=p.run_id, epoch=lease.epoch)
         summary = loaded.summary
+        send = send_stage.pool_for(send, len(loaded.to_send))  # no more actors than batches
         manifest = {"campaign": p.campaign, "input": p.input, "input_rows": summary.input_rows,
                     "to_send": summary.to_send, "already_done": summary.already_done,
                     "partitions": rules.partitions, "run_id": p.run_id,
@@ -110,7 +111,7 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
             hooks.info(f"resuming campaign {p.campaign}: {summary.already_done:,} recipients "
                        "already done are skipped")
         hooks.info(f"{p.campaign}: sending {summary.to_send:,} of {summary.input_rows:,} rows · "
-                   f"{_shape(config)} · {storage.shown(p.run_dir)}")
+                   f"{_shape(send, config.send.actors)} · {storage.shown(p.run_dir)}")
 
         outcome = None
         if summary.to_send:
@@ -226,9 +227,9 @@ def _dry_run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[reci
                                 stages=stages.seconds, written=written)
 
 
-def _shape(config: CampaignConfig) -> str:
-    s = config.send
-    what = f"{s.actors} actors × {s.concurrency} {'threads' if s.mode == 'threads' else 'async'}"
+def _shape(s: SendConfig, asked: int) -> str:
+    fewer = f" (one a batch, of --actors {asked})" if s.actors < asked else ""
+    what = f"{s.actors} actors{fewer} × {s.concurrency} {'threads' if s.mode == 'threads' else 'async'}"
     return what + (f" · fake {s.latency} s" if s.sender == "fake" else " · SMTP")
 
 

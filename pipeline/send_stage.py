@@ -135,6 +135,13 @@ def _smtp_batch(send: SendConfig, rows: int) -> int:
     return min(per_actor, SMTP_BATCH_CAP[send.mode])
 
 
+def pool_for(send: SendConfig, blocks: int) -> SendConfig:
+    """No more sender actors than batches: the others would only start (about a second of CPU
+    each on 2 cores), hold the pool's start for up to actors.POOL_START_BOUND, and send
+    nothing (a short list, or a resume with little left)."""
+    return dataclasses.replace(send, actors=blocks) if 0 < blocks < send.actors else send
+
+
 def calls_per_actor(send: SendConfig, batch_size: int) -> int:
     """Batches in flight per actor: two in threads mode; in async mode enough to hold twice the
     pool (a full pool plus as much again queued), each call a thread blocked on its batch."""

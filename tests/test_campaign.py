@@ -45,6 +45,9 @@ def test_more_actors_than_rows(tmp_path: Path) -> None:
     led = read_ledger(tmp_path)
     assert sorted(led["id"].to_list()) == [0, 1, 2]
     assert rep.counts.sent == 3
+    # Three batches of one row: three actors ran (send_stage.pool_for), and the report says so.
+    assert rep.config.actors == 3 and rep.config.total_concurrency == 12
+    assert led["actor"].n_unique() <= 3
 
 
 def test_zero_rows_ends_cleanly_with_empty_report(tmp_path: Path) -> None:

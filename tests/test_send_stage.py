@@ -46,6 +46,14 @@ def test_real_smtp_batches_grow_with_the_list_but_leave_every_actor_twenty() -> 
     assert size(SendConfig(sender="smtp", batch_size=7), 1_000_000) == 7
 
 
+def test_no_more_sender_actors_than_batches() -> None:
+    card = SendConfig(actors=8, threads_per_actor=100)
+    assert send_stage.pool_for(card, 3).actors == 3
+    assert send_stage.pool_for(card, 3).threads_per_actor == 100
+    assert send_stage.pool_for(card, 8) is card and send_stage.pool_for(card, 500) is card
+    assert send_stage.pool_for(card, 0) is card  # nothing to send: no send stage at all
+
+
 class RenewedOnce:
     """A lease about to lapse when the stage starts (0.3 s left) and renewed for ten minutes at
     the next look: the send stage's first read sees the one, every later read the other."""
