@@ -101,7 +101,7 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
             storage.makedirs(p.run_dir)
             load_stage.write_settled(loaded, run_dir=p.run_dir, run_id=p.run_id, epoch=lease.epoch)
         summary = loaded.summary
-        send = send_stage.pool_for(send, len(loaded.to_send))  # no more actors than batches
+        send = send_stage.pool_for(send, loaded.batches)  # no more actors than batches
         manifest = {"campaign": p.campaign, "input": p.input, "input_rows": summary.input_rows,
                     "to_send": summary.to_send, "already_done": summary.already_done,
                     "partitions": rules.partitions, "run_id": p.run_id,

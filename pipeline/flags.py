@@ -60,11 +60,13 @@ def build_parser(prog: str = "bulkmail") -> argparse.ArgumentParser:
     g.add_argument("--cpus-per-actor", type=float, default=0.25,
                    help="logical CPUs each actor reserves (sending is I/O-bound)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="rows per batch handed to an actor; default: the threads per actor, "
-                   "or in async mode a quarter of its concurrent sends (at least 1,000, or all "
-                   "if fewer); with the fake sender at least 0.5 s of its sends; with --sender "
-                   "smtp as many rows as leave each actor 20 batches, up to 2,000 (threads) or "
-                   "8,000 (async); capped so each actor gets at least 4 batches")
+                   help="rows per batch handed to an actor; default: the threads per actor "
+                   "(with the fake sender, at least 0.5 s of their sends), or in async mode a "
+                   "quarter of its concurrent sends (at least 1,000, or all if fewer); with "
+                   "--sender smtp as many rows as leave each actor 20 batches, up to 20 s of "
+                   "its sends at 1 s each and 2,000 (threads) or 8,000 (async); rate-limited, "
+                   "one second of an actor's share of the rate; capped so each actor gets at "
+                   "least 4 batches")
     g.add_argument("--sender", choices=["fake", "smtp"], default="fake",
                    help="fake: wait --latency seconds per email; smtp: real SMTP")
     g.add_argument("--latency", type=float, default=DEFAULT_LATENCY,

@@ -133,6 +133,14 @@ class Loaded:
     block_rows: int
     blocks: list[Blocks]  # per partition, in order: what `dataset` tells Ray Data of to_send
 
+    @property
+    def batches(self) -> int:
+        """How many batches the send stage hands out at most: Ray Data joins small blocks (each
+        partition's last one) until a batch holds `block_rows`."""
+        if self.block_rows < 1:
+            return len(self.to_send)
+        return min(len(self.to_send), math.ceil(self.summary.to_send / self.block_rows))
+
     def dataset(self) -> Any:
         """The rows to send as a Ray Dataset of the blocks the partitions' tasks cut."""
         return dataset_of(self.to_send, self.blocks)

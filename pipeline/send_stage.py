@@ -35,8 +35,9 @@ POLL = 0.2  # seconds between the driver's looks at progress, the stop flag and 
 # core worker then ends the whole process ("already been shutdown"), before the ledger is folded.
 FEEDER_JOIN = 10.0
 PREFETCH_JOIN = 30.0  # seconds: the imports take 1-2 s, more on a loaded machine
-SMTP_BATCHES_PER_ACTOR = 20  # with real SMTP, batches as large as leave each actor this many
-SMTP_BATCH_CAP = {"threads": 2_000, "async": 8_000}  # rows: and no larger (_smtp_batch)
+SMTP_BATCHES_PER_ACTOR = 20  # with real SMTP, batches as large as leave each actor this many,
+SMTP_BATCH_SECONDS = 20  # as the actor's sends in flight get through in this long at 1 s each,
+SMTP_BATCH_CAP = {"threads": 2_000, "async": 8_000}  # and no more rows than this (_smtp_batch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,18 +129,22 @@ def _smtp_batch(send: SendConfig, rows: int) -> int:
     8,400-8,900/s in batches of 2,500; 2 × 2,000 async 19,600-20,300/s in 1,000 and
     21,900-22,200/s in 2,500 (docs/ray-notes.md). So batches grow with the list while every
     actor still gets SMTP_BATCHES_PER_ACTOR of them (the last ones, on fewer actors, then cost
-    the window a twentieth at most), up to a size that a slow server still gets through in
-    about 20 s (2,000 rows on 100 threads at 1 s a message): the progress line counts
-    finished batches."""
+    the window a twentieth at most), up to what the actor's sends in flight get through in
+    SMTP_BATCH_SECONDS against a server that takes 1 s a message (100 threads: 2,000 rows):
+    the progress line counts finished batches."""
     per_actor = math.ceil(rows / (send.actors * SMTP_BATCHES_PER_ACTOR)) if rows else 1
-    return min(per_actor, SMTP_BATCH_CAP[send.mode])
+    in_flight = send.concurrency
+    if send.mode == "async" and send.smtp.max_connections is not None:
+        # Each connection carries a transaction and the next one's commands (wire.py).
+        in_flight = min(in_flight, 2 * send.smtp.max_connections)
+    return min(per_actor, SMTP_BATCH_SECONDS * in_flight, SMTP_BATCH_CAP[send.mode])
 
 
-def pool_for(send: SendConfig, blocks: int) -> SendConfig:
-    """No more sender actors than batches: the others would only start (about a second of CPU
-    each on 2 cores), hold the pool's start for up to actors.POOL_START_BOUND, and send
-    nothing (a short list, or a resume with little left)."""
-    return dataclasses.replace(send, actors=blocks) if 0 < blocks < send.actors else send
+def pool_for(send: SendConfig, batches: int) -> SendConfig:
+    """No more sender actors than batches (load_stage.Loaded.batches): the others would only
+    start (about a second of CPU each on 2 cores), hold the pool's start for up to
+    actors.POOL_START_BOUND, and send nothing (a short list, or a resume with little left)."""
+    return dataclasses.replace(send, actors=batches) if 0 < batches < send.actors else send
 
 
 def calls_per_actor(send: SendConfig, batch_size: int) -> int:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_smtp_clients import SmtpSink, Source, messages, raw_run, timed  # noqa: E402
 from exact_wait_sink import ExactWaitSink  # noqa: E402
 from jinja2 import Template  # noqa: E402
+from smtp_sink import SinkProcess  # noqa: E402
 
 from pipeline import generate  # noqa: E402
 from pipeline.campaign import run_campaign  # noqa: E402
@@ -146,22 +147,8 @@ def card_server(kind: str) -> tuple[Any, Any]:
         exact = ExactWaitSink(1.0)
         return exact, exact.stop
     if kind == "aiosmtpd":
-        import subprocess
-
-        from pipeline.lab.sink import free_port
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "smtp_sink.py"),
-                                 "--port", str(port), "--delay", "1", "--every", "100000"],
-                                stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        if "listening on" not in proc.stdout.readline():  # its first line, once it listens
-            proc.kill()
-            raise SystemExit("scripts/smtp_sink.py did not start")
-
-        def stop() -> None:
-            proc.terminate()
-            proc.wait(10)
-        return argparse.Namespace(port=port, pid=proc.pid), stop
+        server = SinkProcess("--delay", "1")
+        return server, server.stop
     sink = SmtpSink(1)
     return sink, sink.stop
 

@@ -19,11 +19,13 @@ import argparse
 import os
 import signal
 import ssl
+import subprocess
 import sys
 import threading
 import time
+from types import TracebackType
 
-from pipeline.lab.sink import Sink
+from pipeline.lab.sink import Sink, free_port
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +49,41 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "read from $BULKMAIL_SMTP_PASSWORD, as the sender does")
     p.add_argument("--every", type=float, default=5.0, help="seconds between status lines")
     return p.parse_args(argv)
+
+
+class SinkProcess:
+    """This sink in a process of its own, for a benchmark or a test whose own process must not
+    share its GIL with the server (a pause there would pause the server): `port`, `pid`,
+    `stop()`. `options` are this script's flags."""
+
+    def __init__(self, *options: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, __file__, "--port", str(self.port),
+                                      "--every", "3600", *options],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()  # its first line, once it listens
+        if "listening on" not in first:
+            raise RuntimeError(f"scripts/smtp_sink.py did not start: {first}{self.stop()}")
+
+    def stop(self) -> str:
+        """Stop it (killed if it will not go); what it wrote to stderr."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+    def __enter__(self) -> SinkProcess:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ the plain polars computation of the same rules over the whole list at once
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import polars as pl
@@ -140,6 +141,11 @@ def test_rows_to_send_come_in_blocks_of_a_batch() -> None:
     sizes = [ray.get(r).num_rows for r in out.to_send]
     assert max(sizes) <= 150 and sum(sizes) == out.summary.to_send
     assert len(sizes) >= out.summary.to_send // 150
+    # Each partition's last block is short; Ray Data joins blocks into batches of 150, so
+    # there are fewer batches than blocks (send_stage.pool_for sizes the pool by them).
+    assert out.batches == -(-out.summary.to_send // 150) < len(sizes)
+    few = dataclasses.replace(out, summary=dataclasses.replace(out.summary, to_send=20))
+    assert few.batches == 1
 
 
 def test_the_dataset_of_the_blocks_is_the_one_ray_data_builds_from_them(

@@ -8,9 +8,7 @@ the TOML relays file, through the CLI.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import email
-import email.utils
+import email.policy
 import os
 import secrets
 import shutil
@@ -23,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -81,21 +80,14 @@ class SmtpSink:
             self.proc.wait(10)
 
 
-@contextlib.contextmanager
-def sink_process(tmp_path: Path, *, delay: float) -> Iterator[tuple[int, Path]]:
-    """bulkmail's aiosmtpd sink in a process of its own (scripts/smtp_sink.py), waiting `delay`
-    s per message and storing each one: (its port, the folder of .eml files)."""
-    port, stored = free_port(), tmp_path / "stored"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts/smtp_sink.py"), "--port",
-                             str(port), "--delay", str(delay), "--store", str(stored),
-                             "--every", "3600"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def sink_process(*options: str) -> Any:
+    """bulkmail's aiosmtpd sink in a process of its own (scripts/smtp_sink.py's SinkProcess)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        assert proc.stdout is not None and "listening on" in proc.stdout.readline()
-        yield port, stored
+        from smtp_sink import SinkProcess
     finally:
-        proc.terminate()
-        proc.wait(10)
+        sys.path.remove(str(ROOT / "scripts"))
+    return SinkProcess(*options)
 
 
 @pytest.fixture
@@ -388,15 +380,16 @@ def test_a_relay_rate_holds_in_every_second_while_the_other_is_unlimited(
     # run lasts long enough to see many full seconds on the rated one. It runs in a process of
     # its own: in this one (the driver's) it once stalled for 0.9 s late in the suite, and every
     # sending thread, waiting on it, stalled with it, the rated relay's sends too.
-    with sink_process(tmp_path, delay=0.05) as (port, stored):
+    stored = tmp_path / "stored"
+    with sink_process("--delay", "0.05", "--store", str(stored)) as free:
         smtp = SmtpConfig(relays=(Relay(host="127.0.0.1", port=rated.port, rate=rate),
-                                  Relay(host="127.0.0.1", port=port)), timeout=5)
+                                  Relay(host="127.0.0.1", port=free.port)), timeout=5)
         rep = run_campaign(relay_campaign(tmp_path, path, smtp, actors=2, threads_per_actor=10,
                                           mode=mode, concurrency_per_actor=10))
         led = read_ledger(tmp_path)
         assert rep.counts.sent == rows and (led["status"] == "sent").all()
-    on_free = [email.utils.parseaddr(email.message_from_bytes(p.read_bytes())["To"])[1]
-               for p in stored.iterdir()]
+    on_free = [BytesParser(policy=email.policy.default).parsebytes(p.read_bytes())["To"]
+               .addresses[0].addr_spec for p in stored.iterdir()]
     arrivals = rated.arrivals()
     since = all_sending(led)
     try:
