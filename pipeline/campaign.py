@@ -228,7 +228,7 @@ def _dry_run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[reci
 
 
 def _shape(s: SendConfig, asked: int) -> str:
-    fewer = f" (one a batch, of --actors {asked})" if s.actors < asked else ""
+    fewer = f" (as many as batches; --actors {asked})" if s.actors < asked else ""
     what = f"{s.actors} actors{fewer} × {s.concurrency} {'threads' if s.mode == 'threads' else 'async'}"
     return what + (f" · fake {s.latency} s" if s.sender == "fake" else " · SMTP")
 
