@@ -122,7 +122,8 @@ def latency(rep: dict[str, Any], t: Tally, run_dir: str) -> str | None:
         if pct.get(q) is not None:
             ax.axvline(pct[q], color="black", linestyle=style, linewidth=1,
                        label=f"{q} {pct[q]:.3f} s")
-    ax.set_yscale("log")
+    if (counts > 0).any():  # a log axis of nothing but zeros warns (a damaged tally)
+        ax.set_yscale("log")
     ax.set_xlabel("seconds per attempt (buckets 1% wide)")
     ax.set_ylabel("emails")
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
