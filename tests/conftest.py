@@ -19,6 +19,16 @@ from pipeline.config import CampaignConfig, SendConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def from_scripts(module: str) -> Any:
+    """A module of scripts/ (the benchmarks' and the lab's servers), imported by name."""
+    import importlib
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
 # The Ray this process starts binds to 127.0.0.1 only, not the machine's primary interface
 # (read by Ray at import time). CLI runs do not inherit it: they set it themselves (cli_env).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

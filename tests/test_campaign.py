@@ -47,7 +47,6 @@ def test_more_actors_than_rows(tmp_path: Path) -> None:
     assert rep.counts.sent == 3
     # Three batches of one row: three actors ran (send_stage.pool_for), and the report says so.
     assert rep.config.actors == 3 and rep.config.total_concurrency == 12
-    assert led["actor"].n_unique() <= 3
 
 
 def test_zero_rows_ends_cleanly_with_empty_report(tmp_path: Path) -> None:

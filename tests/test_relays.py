@@ -15,7 +15,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,7 +43,7 @@ from pipeline.sending.relays import Attempt, Failover, RelayPool, preflight
 from pipeline.sending.smtp import AsyncSmtpSender, SmtpSender
 from pipeline.sending.threads import ThreadEngine
 
-from .conftest import ROOT, campaign, cli, read_ledger, run_then_stop, write_recipients
+from .conftest import campaign, cli, from_scripts, read_ledger, run_then_stop, write_recipients
 from .pacing import all_sending, check_paced, per_second
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -78,16 +77,6 @@ class SmtpSink:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
-
-
-def sink_process(*options: str) -> Any:
-    """bulkmail's aiosmtpd sink in a process of its own (scripts/smtp_sink.py's SinkProcess)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from smtp_sink import SinkProcess
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return SinkProcess(*options)
 
 
 @pytest.fixture
@@ -381,7 +370,7 @@ def test_a_relay_rate_holds_in_every_second_while_the_other_is_unlimited(
     # its own: in this one (the driver's) it once stalled for 0.9 s late in the suite, and every
     # sending thread, waiting on it, stalled with it, the rated relay's sends too.
     stored = tmp_path / "stored"
-    with sink_process("--delay", "0.05", "--store", str(stored)) as free:
+    with from_scripts("smtp_sink").SinkProcess("--delay", "0.05", "--store", str(stored)) as free:
         smtp = SmtpConfig(relays=(Relay(host="127.0.0.1", port=rated.port, rate=rate),
                                   Relay(host="127.0.0.1", port=free.port)), timeout=5)
         rep = run_campaign(relay_campaign(tmp_path, path, smtp, actors=2, threads_per_actor=10,

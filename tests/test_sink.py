@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.lab.sink import Sink, fate, free_port
 
-from .conftest import ROOT
+from .conftest import ROOT, from_scripts
 
 MAIL = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -99,22 +99,13 @@ def test_the_script_runs_and_reports_totals(tmp_path: Path) -> None:
     assert "0 messages over 1 connections" in out and "5xx 1" in out
 
 
-def _exact_wait_sink() -> type:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from exact_wait_sink import ExactWaitSink
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return ExactWaitSink  # type: ignore[no-any-return]
-
-
 def test_exact_wait_sink_waits_before_each_data_reply_and_counts() -> None:
     """The benchmarks' exact-wait sink (scripts/exact_wait_sink.py): lock-step (smtplib), then
     pipelined groups on a raw socket with an empty body, a dot-stuffed line and a body whose
     end comes split over two writes: every reply in order, nothing extra, the count right."""
     import socket
     import time
-    sink = _exact_wait_sink()(0.3)
+    sink = from_scripts("exact_wait_sink").ExactWaitSink(0.3)
     try:
         c = smtplib.SMTP("127.0.0.1", sink.port)
         c.ehlo()
