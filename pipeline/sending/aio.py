@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from ..ledger import SENT
-from .base import ABANDONED, AsyncSender, SendResult
+from .base import ABANDONED, AsyncSender, SendResult, ServingSender
 from .engine import BatchCounts, Engine, _Job
 
 
@@ -45,7 +45,11 @@ class AsyncEngine(Engine):
 
     def _run_loop(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
-        self._workers = [self._loop.create_task(self._worker()) for _ in range(self.concurrency)]
+        if isinstance(self.sender, ServingSender):  # SMTP: its pumps take from the queue
+            self._workers = [self._loop.create_task(self.sender.serve(self, self.concurrency))]
+        else:
+            self._workers = [self._loop.create_task(self._worker())
+                             for _ in range(self.concurrency)]
         started.set()
         self._loop.run_forever()
 
@@ -84,53 +88,70 @@ class AsyncEngine(Engine):
         if b.remaining == 0:
             b.done.set()
 
-    async def _worker(self) -> None:
-        ready, idle, loop = self._ready, self._idle, self._loop
-        asend, limiter, stopping = self.sender.asend, self.limiter, self._stopping
-        record, observer = self.ledger.record, self.observer
-        now = time.time
-        while True:
-            if not ready:
-                fut: asyncio.Future[None] = loop.create_future()
-                idle.append(fut)
-                await fut
-                continue
+    # -- the pumps' source (pump.Source), and the workers'
+    def take(self) -> _Job | None:
+        ready = self._ready
+        while ready:
             job = ready.popleft()
-            if stopping.is_set():
+            if not self._stopping.is_set():
+                return job
+            self._abandon(job)
+        return None
+
+    async def wait(self) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._idle.append(fut)
+        await fut
+
+    @property
+    def paced(self) -> bool:
+        return self.limiter is not None
+
+    async def turn(self) -> bool:
+        """A turn of the global rate limit; False when the run stopped meanwhile."""
+        if self.limiter is not None:
+            await self.limiter.await_turn()
+        return not self._stopping.is_set()
+
+    def done(self, job: _Job, result: SendResult, t0: float, t1: float) -> None:
+        if result is ABANDONED:  # the sender was cancelled by a stop before sending
+            return self._abandon(job)
+        if result.status == "sent" and job.attempts == 0:
+            # The common case, inlined: first attempt delivered (same effect as _settle).
+            job.attempts = 1
+            m = job.message
+            self.ledger.record(m.id, m.to, SENT, 1, None, t0, t1, t1 - t0, m.message_id)
+            if self.observer is not None:
+                self.observer(SENT, t1 - t0, 1)
+            b = job.batch
+            c = b.counts
+            c.sent += 1
+            c.attempts += 1
+            b.remaining -= 1
+            if b.remaining == 0:
+                b.done.set()
+            return None
+        delay = self._settle(job, result, t0, t1)
+        if delay is not None:
+            self._timers[job] = self._loop.call_later(delay, self._requeue, job)
+        return None
+
+    async def _worker(self) -> None:
+        asend, now = self.sender.asend, time.time
+        while True:
+            job = self.take()
+            if job is None:
+                await self.wait()
+                continue
+            if not await self.turn():  # stopped while waiting for its turn
                 self._abandon(job)
                 continue
-            if limiter is not None:
-                await limiter.await_turn()
-                if stopping.is_set():  # stopped while waiting for its turn
-                    self._abandon(job)
-                    continue
             t0 = now()
             try:
                 result = await asend(job.message)
             except Exception as exc:  # noqa: BLE001 - a sender bug must not kill the worker
                 result = SendResult("transient", f"{type(exc).__name__}: {exc}")
-            t1 = now()
-            if result is ABANDONED:  # the sender was cancelled by a stop before sending
-                self._abandon(job)
-                continue
-            if result.status == "sent" and job.attempts == 0:
-                # The common case, inlined: first attempt delivered (same effect as _settle).
-                job.attempts = 1
-                m = job.message
-                record(m.id, m.to, SENT, 1, None, t0, t1, t1 - t0, m.message_id)
-                if observer is not None:
-                    observer(SENT, t1 - t0, 1)
-                b = job.batch
-                c = b.counts
-                c.sent += 1
-                c.attempts += 1
-                b.remaining -= 1
-                if b.remaining == 0:
-                    b.done.set()
-                continue
-            delay = self._settle(job, result, t0, t1)
-            if delay is not None:
-                self._timers[job] = loop.call_later(delay, self._requeue, job)
+            self.done(job, result, t0, now())
 
     def _drain(self) -> None:
         self._loop.call_soon_threadsafe(self._drain_on_loop)

@@ -8,7 +8,7 @@ outside its base module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..messages import Message
 
@@ -43,3 +43,11 @@ class Sender(Protocol):
 class AsyncSender(Protocol):
     async def asend(self, message: Message) -> SendResult: ...
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ServingSender(Protocol):
+    """An async sender that takes its messages itself (SMTP's connection pumps, pump.py): the
+    engine hands it its queue (a pump.Source) instead of calling `asend` per message."""
+
+    async def serve(self, source: Any, concurrency: int) -> None: ...

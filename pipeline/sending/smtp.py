@@ -1,7 +1,7 @@
 """Real SMTP senders on bulkmail's own client (wire.py): `SmtpSender` (a blocking connection per
-sending thread, blocking.SyncConnection) and `AsyncSmtpSender` (a pool of `AsyncConnection`s shared
-by the event loop's coroutines, each carrying one transaction at a time, or two overlapping: the
-next one's commands may follow the previous one's data). Each opens its connections through a
+sending thread, blocking.SyncConnection) and `AsyncSmtpSender` (`AsyncConnection`s on the event
+loop, each driven by a pump of its own, pump.py, which pipelines one message's data with the
+next one's commands). Each opens its connections through a
 `relays.RelayPool`, which chooses among several relays and takes a failing one out of rotation.
 
 Connection discipline, the same in both:
@@ -39,6 +39,7 @@ from ..config import Relay, SendConfig, SmtpConfig
 from ..messages import Message
 from .base import ABANDONED, SendResult
 from .blocking import SyncConnection
+from .pump import Pump, Source
 from .relays import (
     CONNECT_ERRORS,
     Failover,
@@ -198,10 +199,51 @@ class SmtpSender(_Counters):
             self._drop(conn, lost=False)
 
 
+class _Call:
+    __slots__ = ("message", "future")
+
+    def __init__(self, message: Message | Envelope, future: asyncio.Future[SendResult]) -> None:
+        self.message, self.future = message, future
+
+
+class _Calls:
+    """`asend`'s own source for the pumps: one queued call per awaiting coroutine."""
+
+    paced = False
+
+    def __init__(self) -> None:
+        self.queue: deque[_Call] = deque()
+        self.idle: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> _Call | None:
+        return self.queue.popleft() if self.queue else None
+
+    async def wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.idle.append(fut)
+        await fut
+
+    async def turn(self) -> bool:
+        return True
+
+    def wake(self) -> bool:
+        """Wake one parked pump; False when none was parked."""
+        while self.idle:
+            fut = self.idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return True
+        return False
+
+    def done(self, job: _Call, result: SendResult, t0: float, t1: float) -> None:
+        if not job.future.done():
+            job.future.set_result(result)
+
+
 class AsyncSmtpSender(_Counters):
-    """For `--mode async`: the engine's coroutines share a pool of connections. A coroutine takes
-    an idle one (or opens one), sends, and the connection is back in the pool as soon as its
-    data is written, so the next message's commands follow it in the same flight. At most
+    """For `--mode async`: connection pumps (pump.py), one coroutine per connection, each taking
+    messages from a source and pipelining them over its connection. `serve` runs them for an
+    engine's queue; `asend` queues one message for pumps of the sender's own. At most
     `max_connections` are open, all relays together (None: one per concurrent send at most),
     and at most each relay's own `max_connections` to it."""
 
@@ -211,46 +253,45 @@ class AsyncSmtpSender(_Counters):
         super().__init__(smtp, composer, password=password, local_hostname=local_hostname,
                          limiters=limiters, pool=pool, max_connections=max_connections)
         self.max_connections = max_connections
-        self._idle: list[AsyncConnection] = []
+        self.max_per_connection = smtp.max_per_connection
+        self._live: set[AsyncConnection] = set()
         self._wanted: deque[asyncio.Future[None]] = deque()  # waiting for a connection (at a cap)
+        self._calls = _Calls()
+        self._pumps: list[asyncio.Task[None]] = []  # asend's
 
-    def _wake(self) -> None:
-        while self._wanted:
-            fut = self._wanted.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
+    # -- for the engine
+    async def serve(self, source: Source, concurrency: int) -> None:
+        """Pump `source`'s messages over up to `concurrency` connections (fewer with a cap)
+        until cancelled."""
+        n = min(concurrency, self.max_connections or concurrency)
+        await asyncio.gather(*(Pump(self, source).run() for _ in range(n)))
 
-    def _free(self, conn: AsyncConnection) -> None:
-        """wire's `on_free`: the connection may take the next transaction."""
-        if not conn.usable:
-            return  # the sending coroutine ends it
-        if conn.session.sent >= self.smtp.max_per_connection:
-            conn.retiring = True
-            return
-        self._idle.append(conn)
-        self._wake()
+    # -- one message at a time
+    async def asend(self, message: Message) -> SendResult:
+        return await self._queue(message)
 
-    def _end(self, conn: AsyncConnection, *, lost: bool) -> bool:
-        if conn.ended:
-            return False
-        conn.ended = True
-        self.pool.released(conn.relay)
-        if lost:
-            self.reconnected()
-            conn.abort()
-        self._wake()
-        return True
+    async def asend_envelope(self, env: Envelope) -> SendResult:
+        return await self._queue(env)
 
-    async def _acquire(self, fresh: bool, f: Failover) -> AsyncConnection | SendResult:
+    async def _queue(self, message: Message | Envelope) -> SendResult:
+        fut: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+        self._calls.queue.append(_Call(message, fut))
+        if not self._calls.wake() and (self.max_connections is None
+                                       or len(self._pumps) < self.max_connections):
+            self._pumps.append(asyncio.get_running_loop().create_task(
+                Pump(self, self._calls).run()))
+        return await fut
+
+    # -- for the pumps (pump.Opener)
+    def envelope_of(self, message: Message | Envelope) -> Envelope | SendResult:
+        return message if isinstance(message, Envelope) else self._envelope(message)
+
+    async def connect(self, f: Failover) -> AsyncConnection | SendResult:
+        """A new connection, on the relay the pool chooses, failing over; at a cap, once one
+        closes."""
         while True:
-            while self._idle and not fresh:
-                conn = self._idle.pop()
-                if conn.usable:
-                    return conn
-                self._end(conn, lost=True)  # died while idle
             a = self.pool.pick(f)
-            if a is None:  # at a cap: wait for a connection to be free or closed
+            if a is None:  # at a cap: wait for a connection to close
                 fut = asyncio.get_running_loop().create_future()
                 self._wanted.append(fut)
                 await fut
@@ -260,7 +301,7 @@ class AsyncSmtpSender(_Counters):
             r = a.relay
             try:
                 conn = await AsyncConnection.open(r.smtp, ehlo=self._ehlo, context=r.context,
-                                                  password=r.password, on_free=self._free)
+                                                  password=r.password)
             except CONNECT_ERRORS as exc:
                 f.last = self.pool.failed(a, exc)
                 f.tried.append(r)
@@ -273,44 +314,31 @@ class AsyncSmtpSender(_Counters):
             self.pool.connected(a)
             self.opened()
             conn.relay = r
+            self._live.add(conn)
             return conn
 
-    async def asend(self, message: Message) -> SendResult:
-        env = self._envelope(message)
-        return env if isinstance(env, SendResult) else await self.asend_envelope(env)
+    def end(self, conn: AsyncConnection, *, lost: bool) -> None:
+        if conn.ended:
+            return
+        conn.ended = True
+        self._live.discard(conn)
+        self.pool.released(conn.relay)
+        if lost:
+            self.reconnected()
+            conn.abort()
+        self._wake()
 
-    async def asend_envelope(self, env: Envelope) -> SendResult:
-        f = Failover()
-        retried = False
-        while True:
-            conn = await self._acquire(retried, f)
-            if isinstance(conn, SendResult):
-                return conn
-            relay: RelayState = conn.relay
-            if relay.limiter is not None:  # this relay's rate: a slot of its schedule first
-                await relay.limiter.await_turn()
-                if relay.limiter.cancelled:
-                    self._free(conn)
-                    return ABANDONED
-            reused = conn.session.sent > 0
-            try:
-                result = await conn.send(env)
-            except ConnectionLost as lost:
-                self._end(conn, lost=True)
-                if lost.retry_safe and reused and not retried:
-                    retried = True  # not delivered: once more, at once, on a new connection
-                    continue
-                failure = connection_result(lost.cause, "connection lost")
-                if lost.retry_safe and not reused and self._broke_fresh(f, relay, failure):
-                    continue
-                return failure
-            if not conn.usable:  # 421: the server is closing the channel
-                self._end(conn, lost=True)
-            elif conn.retiring and self._end(conn, lost=False):
-                await self._quit([conn])
-            return result
+    def broke_fresh(self, f: Failover, relay: RelayState, failure: SendResult) -> bool:
+        return self._broke_fresh(f, relay, failure)
 
-    async def _quit(self, conns: list[AsyncConnection]) -> None:
+    def _wake(self) -> None:
+        while self._wanted:
+            fut = self._wanted.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    async def quit(self, conns: list[AsyncConnection]) -> None:
         """QUIT, a moment for the replies, then close."""
         futs = []
         for c in conns:
@@ -326,15 +354,23 @@ class AsyncSmtpSender(_Counters):
             c.abort()
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            self._end(conn, lost=False)
-        await self._quit(idle)
+        """Stop asend's pumps; QUIT every connection still open (the engine cancels its own
+        pumps first)."""
+        pumps, self._pumps = self._pumps, []
+        for t in pumps:
+            t.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        live = list(self._live)
+        for conn in live:
+            conn.ended = True
+            self.pool.released(conn.relay)
+        self._live.clear()
+        await self.quit(live)
 
     def close(self) -> None:
-        """Drop the idle connections at once (`aclose`, on the loop, says QUIT first)."""
-        idle, self._idle = self._idle, []
-        for conn in idle:
+        """Drop every connection at once (`aclose`, on the loop, says QUIT first)."""
+        live, self._live = list(self._live), set()
+        for conn in live:
             try:
                 conn.abort()
             except RuntimeError:  # its event loop is closed already

@@ -4,9 +4,10 @@ handshake or a transaction is a generator yielding steps `(bytes to write, repli
 driver only writes, reads and upgrades to TLS, so both run the same protocol code.
 
 PIPELINING (RFC 2920): MAIL + RCPT + DATA in one write, then the dot-stuffed data and "." in one
-write; RSET only after a transaction refused before its data, first in the next group. The async
-driver frees the connection once the data is written (`FINAL`): the next coroutine's commands
-follow that "." in the same write, and replies go to the waiters in order. Without PIPELINING:
+write; RSET only after a transaction refused before its data, first in the next group. Once a
+transaction's data step is reached (`FINAL`), the async sender's pump (pump.py) may start the
+next transaction on the same connection, its commands in the same write as that data; replies
+go to the waiting reads in order. Without PIPELINING:
 lock-step, RSET before each reuse (`Session.lockstep_rset`). 4xx transient, 5xx permanent, 421
 closes. A broken connection raises `ConnectionLost`; `retry_safe`: the data was not written yet.
 """
@@ -18,7 +19,7 @@ import re
 import ssl
 from base64 import b64encode
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any, cast
 
 from ..compose import Envelope
@@ -246,16 +247,13 @@ class BaseConnection:  # what both drivers keep
 
 
 class AsyncConnection(BaseConnection, asyncio.Protocol):
-    """A connection on the event loop. Transactions may overlap on it: the next one's commands
-    may go out once the previous one's data is written (`on_free` is called then, or when a
-    transaction ends without data); replies are handed to the waiting transactions in order."""
+    """A connection on the event loop. Reads (`expect`) are answered in order, so transactions
+    may overlap on it (pump.py drives them); `send` runs one alone."""
 
-    retiring = ended = False  # for the pool: takes no new transaction; its end is accounted for
+    ended = False  # for the sender: its end is accounted for
 
-    def __init__(self, smtp: SmtpConfig, ctx: ssl.SSLContext | None,
-                 on_free: Callable[[AsyncConnection], None] | None = None) -> None:
+    def __init__(self, smtp: SmtpConfig, ctx: ssl.SSLContext | None) -> None:
         super().__init__(smtp, ctx)
-        self.on_free = on_free
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._waiters: deque[tuple[int, asyncio.Future[list[Reply]]]] = deque()
@@ -265,10 +263,10 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
 
     @classmethod
     async def open(cls, smtp: SmtpConfig, *, ehlo: str, context: ssl.SSLContext | None = None,
-                   password: str | None = None, mechanisms: tuple[str, ...] = AUTH_ORDER,
-                   on_free: Callable[[AsyncConnection], None] | None = None) -> AsyncConnection:
+                   password: str | None = None,
+                   mechanisms: tuple[str, ...] = AUTH_ORDER) -> AsyncConnection:
         """Connect, EHLO, STARTTLS, AUTH; raises OSError, ReplyError or NotOffered."""
-        conn = cls(smtp, context, on_free)
+        conn = cls(smtp, context)
         implicit = conn._ctx if smtp.tls == "ssl" else None
         await asyncio.wait_for(conn._loop.create_connection(
             lambda: conn, smtp.host, smtp.port, ssl=implicit,
@@ -276,7 +274,7 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
             ssl_handshake_timeout=smtp.timeout if implicit else None), smtp.timeout)
         try:
             await conn._run(conn.session.handshake(ehlo, starttls=smtp.tls == "starttls", user=smtp.user,
-                                                   password=password or "", mechanisms=mechanisms), None)
+                                                   password=password or "", mechanisms=mechanisms))
         except BaseException as exc:
             conn.abort()
             raise (exc.cause if isinstance(exc, ConnectionLost) else exc) from None
@@ -340,7 +338,7 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
         elif self._waiters and self._exc is None:
             self.abort(TimeoutError(f"no reply from the server within {self.smtp.timeout:g} s"))
 
-    async def _run(self, flow: Flow, free: Callable[[AsyncConnection], None] | None) -> Any:
+    async def _run(self, flow: Flow) -> Any:
         n = 0
         try:
             out, n = next(flow)
@@ -357,16 +355,9 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
                                                     ssl_handshake_timeout=self.smtp.timeout)
                     self._transport = cast(asyncio.Transport, tr)
                     out, n = flow.send([])
-                elif n == FINAL and free is not None:
-                    fut = self.expect(1)
-                    free(self)  # the next transaction may follow the data at once
-                    free = None
-                    out, n = flow.send(await fut)
                 else:
                     out, n = flow.send(await self.expect(1 if n == FINAL else n))
         except StopIteration as stop:
-            if free is not None:
-                free(self)
             return stop.value
         except OSError as exc:  # reset, closed, timeout, TLS, ProtocolError
             raise self._lost(exc, n) from exc
@@ -376,7 +367,7 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
 
     async def send(self, env: Envelope) -> SendResult:
         """One message; raises ConnectionLost when the connection breaks."""
-        result: SendResult = await self._run(self.session.transaction(env), self.on_free)
+        result: SendResult = await self._run(self.session.transaction(env))
         return result
 
     def abort(self, exc: BaseException | None = None) -> None:
@@ -395,3 +386,8 @@ class AsyncConnection(BaseConnection, asyncio.Protocol):
         out, self._out = self._out, []
         if self._exc is None and self._transport is not None:
             self._transport.writelines(out)
+
+    def write_now(self, out: bytes) -> None:
+        """Written at once (the pump writes once a round, data and next commands together)."""
+        if self._exc is None and self._transport is not None:
+            self._transport.write(out)
