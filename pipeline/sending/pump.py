@@ -194,7 +194,7 @@ class Pump:
                      inflight: list[tuple[_Tx, int]]) -> tuple[_Tx, tuple[bytes, int]] | None:
         """Write `out`, read the `count` replies of the transactions in flight, and hand each
         its own; the step of the one that goes on (at most one: the last), if any."""
-        conn.write_now(out)
+        conn.write(out)  # with the other pumps' writes of this round (wire.WriteBatch)
         try:
             replies = await conn.expect(count)
         except OSError as exc:

@@ -51,7 +51,7 @@ from .relays import (
     preflight,
     tls_context,
 )
-from .wire import AsyncConnection, ConnectionLost, reply_result
+from .wire import AsyncConnection, ConnectionLost, WriteBatch, reply_result
 
 __all__ = ["AsyncSmtpSender", "SmtpSender", "SyncConnection", "connection_result", "make_smtp_sender",
            "preflight", "reply_result", "tls_context"]
@@ -257,6 +257,7 @@ class AsyncSmtpSender(_Counters):
         self._live: set[AsyncConnection] = set()
         self._wanted: deque[asyncio.Future[None]] = deque()  # waiting for a connection (at a cap)
         self._calls = _Calls()
+        self._batch = WriteBatch()  # every connection's writes of a loop round go out together
         self._pumps: list[asyncio.Task[None]] = []  # asend's
 
     # -- for the engine
@@ -301,7 +302,7 @@ class AsyncSmtpSender(_Counters):
             r = a.relay
             try:
                 conn = await AsyncConnection.open(r.smtp, ehlo=self._ehlo, context=r.context,
-                                                  password=r.password)
+                                                  password=r.password, batch=self._batch)
             except CONNECT_ERRORS as exc:
                 f.last = self.pool.failed(a, exc)
                 f.tried.append(r)
