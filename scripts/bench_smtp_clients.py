@@ -18,7 +18,7 @@ with the same pre-rendered messages (a few hundred bytes, CRLF, one Message-ID e
       the machine's limit;
   (e) bulkmail's senders on its own client (pipeline/sending/wire.py, smtp.py), given the same
       pre-rendered messages: `SmtpSender` from 100 threads (a connection each), and
-      `AsyncSmtpSender` from coroutines sharing its pool (capped, and one connection each);
+      `AsyncSmtpSender` from coroutines calling `asend` (its pumps: capped, and one per caller);
   (f) the same senders given `Message`s, so composing each email (pipeline/compose.py) is in.
 
 Each client runs until it has sent `--messages` or for `--seconds`, whichever comes first; its
