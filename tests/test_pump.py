@@ -6,10 +6,12 @@ fails one message without stopping the pump."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RetryPolicy
+from pipeline.config import Relay, RetryPolicy, SmtpConfig
+from pipeline.lab.sink import free_port
 from pipeline.ledger import LedgerWriter, read_journal
 from pipeline.messages import Message
 from pipeline.sending.aio import AsyncEngine
@@ -92,3 +94,77 @@ def test_asend_pumps_start_on_demand_up_to_the_cap() -> None:
         results = asyncio.run(main())
     assert all(r.ok for r in results) and fake.connections == snd.connections_opened == 3
     assert FROM in fake.received[0][2].decode()
+
+
+def test_a_server_closing_after_a_reply_leaves_the_next_message_unattempted(tmp_path: Path) -> None:
+    """The server answers user3's data and closes, user4's commands (in the same write) never
+    answered: user4 cannot have been delivered, so it goes at once on a new connection and is
+    not an attempt (no made-up refusal from the missing replies)."""
+    with Fake(close_after={"user3@example.com"}) as fake:
+        e = engine(tmp_path, fake.port, connections=1, max_per_connection=1000)
+        counts = e.run(msgs(10))
+        e.close()
+    assert counts.sent == 10 and counts.attempts == 10 and counts.retries == 0
+    assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in msgs(10))
+    assert fake.connections == 2 and e.sender.reconnects == 1
+
+
+class ClosingLimiter:
+    """A global rate limit whose first turn comes after the server dropped the connection the
+    pump had just opened for it."""
+
+    def __init__(self, fake: Fake) -> None:
+        self.fake, self.turns = fake, 0
+
+    def wait(self) -> None:
+        raise AssertionError("the async engine awaits its turns")
+
+    async def await_turn(self) -> None:
+        self.turns += 1
+        if self.turns == 1:
+            for w in list(self.fake.writers):
+                self.fake.loop.call_soon_threadsafe(w.transport.abort)
+            await asyncio.sleep(0.2)  # the client's loop sees the connection go meanwhile
+
+
+def test_a_connection_closed_while_waiting_for_the_rate_is_replaced(tmp_path: Path) -> None:
+    """Nothing was written on it: the message goes on a new connection, not as a failed attempt
+    of a fresh connection (which would also take a relay out of rotation)."""
+    with Fake() as fake:
+        sender = AsyncSmtpSender(config(fake.port, max_per_connection=1000), COMPOSER,
+                                 local_hostname="client.example", max_connections=1)
+        ledger = LedgerWriter(str(tmp_path / "run"), writer="w", node="n", run="r", epoch=1)
+        e = AsyncEngine(sender, concurrency=1, retry=RetryPolicy(max_attempts=3, backoff_base=0.05),
+                        ledger=ledger, limiter=ClosingLimiter(fake))
+        counts = e.run(msgs(6))
+        e.close()
+    assert counts.sent == 6 and counts.attempts == 6  # nothing was written on the dead one
+    assert fake.connections == 2 and sorted(to for _, to, _ in fake.received) == sorted(
+        m.to for m in msgs(6))
+
+
+def test_pumps_waiting_at_a_relay_cap_hold_no_message(tmp_path: Path) -> None:
+    """50 pumps, one relay down and the other capped at 2 connections: the pumps that find the
+    cap wait holding nothing, an idle connection is given up for a waiting pump, and every
+    message goes out on the capped relay."""
+    with Fake() as fake:
+        down = free_port()  # nothing listens there: refused, out of rotation
+        smtp = SmtpConfig(relays=(Relay(host="127.0.0.1", port=fake.port, max_connections=2),
+                                  Relay(host="127.0.0.1", port=down)), timeout=5.0,
+                          max_per_connection=1000)
+        sender = AsyncSmtpSender(smtp, COMPOSER, local_hostname="client.example",
+                                 max_connections=50)
+        ledger = LedgerWriter(str(tmp_path / "run"), writer="w", node="n", run="r", epoch=1)
+        e = AsyncEngine(sender, concurrency=50, retry=RetryPolicy(max_attempts=5, backoff_base=0.05),
+                        ledger=ledger)
+        done = threading.Event()
+        result: list[Any] = []
+        worker = threading.Thread(target=lambda: (result.append(e.run(msgs(300))), done.set()),
+                                  daemon=True)
+        worker.start()
+        assert done.wait(30), "a batch waited on pumps that could not send"
+        e.close()
+    counts = result[0]
+    assert counts.sent == 300 and counts.failed == 0
+    assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in msgs(300))
+    assert fake.most_open <= 2

@@ -32,7 +32,7 @@ import trustme
 from pipeline.compose import Composer, Envelope
 from pipeline.config import MessageConfig, SmtpConfig
 from pipeline.lab.sink import Sink, free_port
-from pipeline.sending import wire
+from pipeline.sending import aio_connection, wire
 from pipeline.sending.base import SendResult
 from pipeline.sending.smtp import AsyncSmtpSender, SmtpSender, SyncConnection
 
@@ -207,6 +207,7 @@ class Fake:
     mail_421_at: int = 0  # the n-th MAIL (over all connections) gets 421 and a close
     drop: dict[str, str] = field(default_factory=dict)  # address -> "rcpt" | "data": drop, once
     stall: set[str] = field(default_factory=set)  # never answer the end of their data
+    close_after: set[str] = field(default_factory=set)  # answer their data, then close, once
     tls: str = "none"  # "starttls" or "ssl" (implicit), with `ssl_context`
     ssl_context: ssl.SSLContext | None = None
     auth: dict[str, str] | None = None  # AUTH PLAIN and LOGIN (only over TLS when TLS is on)
@@ -215,6 +216,8 @@ class Fake:
     chunks: list[tuple[int, bytes]] = field(default_factory=list)
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     connections: int = 0
+    open_now: int = 0
+    most_open: int = 0  # connections open at once, at most
     mails: int = 0
 
     def __enter__(self) -> Fake:
@@ -247,6 +250,8 @@ class Fake:
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
         conn, buf, rcpt, data, in_data = self.connections, b"", "", None, False
         tls, authed, login = self.tls == "ssl", False, None
         self.writers.add(writer)
@@ -272,6 +277,11 @@ class Fake:
                         if rcpt:
                             self.received.append((conn, rcpt, data or b""))
                         out.append(b"250 2.0.0 queued" if rcpt else b"554 5.5.1 nothing to deliver")
+                        if rcpt in self.close_after:  # what came after it is never answered
+                            self.close_after.discard(rcpt)
+                            writer.write(b"".join(o + b"\r\n" for o in out))
+                            writer.close()
+                            return
                         continue
                     if login is not None:  # AUTH LOGIN: the user name, then the password
                         login.append(b64decode(line).decode())
@@ -342,6 +352,7 @@ class Fake:
         except ConnectionError:
             pass
         finally:
+            self.open_now -= 1
             self.writers.discard(writer)
             writer.close()
 
@@ -490,7 +501,7 @@ def open_sync(cfg: SmtpConfig, ctx: ssl.SSLContext, password: str, mechs: tuple[
 
 def open_async(cfg: SmtpConfig, ctx: ssl.SSLContext, password: str, mechs: tuple[str, ...]) -> SendResult:
     async def main() -> SendResult:
-        conn = await wire.AsyncConnection.open(cfg, ehlo="client.example", context=ctx,
+        conn = await aio_connection.AsyncConnection.open(cfg, ehlo="client.example", context=ctx,
                                                password=password, mechanisms=mechs)
         try:
             return await conn.send(env(1))

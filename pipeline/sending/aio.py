@@ -89,6 +89,9 @@ class AsyncEngine(Engine):
             b.done.set()
 
     # -- the pumps' source (pump.Source), and the workers'
+    def pending(self) -> bool:
+        return bool(self._ready)
+
     def take(self) -> _Job | None:
         ready = self._ready
         while ready:

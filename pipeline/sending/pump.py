@@ -20,13 +20,17 @@ Delivery rules (the same as the threaded sender's, smtp.py's docstring):
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..compose import Envelope
+from .aio_connection import AsyncConnection
 from .base import ABANDONED, SendResult
 from .relays import Failover, RelayState, connection_result
-from .wire import FINAL, AsyncConnection, Flow
+from .wire import FINAL, Flow
 
 
 class Job(Protocol):
@@ -35,6 +39,9 @@ class Job(Protocol):
 
 class Source(Protocol):
     """Where a pump's messages come from, and where their outcomes go."""
+
+    def pending(self) -> bool:
+        """Whether `take` has a message now."""
 
     def take(self) -> Job | None:
         """The next message to send; None when there is none now (or the run is stopping)."""
@@ -60,9 +67,13 @@ class Opener(Protocol):
     max_per_connection: int
 
     def envelope_of(self, message: Any) -> Envelope | SendResult: ...
-    async def connect(self, f: Failover) -> AsyncConnection | SendResult: ...
+    async def connect(self, f: Failover, *, still_wanted: Callable[[], bool] | None = None,
+                      ) -> AsyncConnection | SendResult | None: ...
     def end(self, conn: AsyncConnection, *, lost: bool) -> None: ...
     async def quit(self, conns: list[AsyncConnection]) -> None: ...
+    def quit_later(self, conn: AsyncConnection) -> None: ...
+    def parking(self, pump: Pump) -> None: ...
+    def unparking(self, pump: Pump) -> None: ...
     def broke_fresh(self, f: Failover, relay: RelayState, failure: SendResult) -> bool: ...
 
 
@@ -82,7 +93,12 @@ class _Tx:
 
 
 class Pump:
-    """One connection at a time, fed from `source`. `run` returns only when cancelled."""
+    """One connection at a time, fed from `source`. `run` returns only when cancelled.
+
+    A pump holds a message only while it has a connection, or is opening one: a pump that
+    waits for a connection at a cap (pick answers None) holds nothing, so the messages go to
+    the pumps that have connections and no batch waits on a pump that cannot send. A pump with
+    an idle connection gives it up when another pump waits at a cap (`release`)."""
 
     def __init__(self, sender: Opener, source: Source) -> None:
         self.sender, self.source = sender, source
@@ -93,20 +109,61 @@ class Pump:
     async def run(self) -> None:
         """Cancelled, it leaves its connection to the sender's `aclose` (QUIT)."""
         while True:
-            tx = self._carry or self._take()
-            self._carry = None
-            if tx is None:
-                await self.source.wait()
-                continue
+            tx: _Tx | None = None
             try:
-                await self._send(tx)
+                if self._carry is None and not self.source.pending():
+                    await self._park()
+                    continue
+                f = self._carry.f if self._carry is not None else Failover()
+                if self.conn is None and not await self._connect(f):
+                    continue
+                tx, self._carry = self._carry or self._take(), None
+                if tx is not None:
+                    tx.f = f
+                    await self._send(tx)
+            except asyncio.CancelledError:
+                for t in [*self._open, *([tx] if tx is not None else [])]:
+                    if not t.settled:
+                        self._done(t, SendResult("transient", "not sent: the sender closed"))
+                raise
             except Exception as exc:  # noqa: BLE001 - a bug must not stop the pump
                 self._drop(lost=True)
                 failure = SendResult("transient", f"send failed: {type(exc).__name__}: {exc}")
-                for t in [*self._open, tx]:
+                for t in [*self._open, *([tx] if tx is not None else [])]:
                     if not t.settled:
                         self._done(t, failure)
                 self._open, self._carry = [], None
+
+    async def _park(self) -> None:
+        """Nothing to send: wait for more, the connection kept open (given up if asked)."""
+        self.sender.parking(self)
+        try:
+            await self.source.wait()
+        finally:
+            self.sender.unparking(self)
+
+    def release(self) -> None:
+        """Give up the idle connection (another pump waits at a cap): QUIT, then close."""
+        conn = self.conn
+        if conn is not None:
+            self._drop(lost=False)
+            self.sender.quit_later(conn)
+
+    async def _connect(self, f: Failover) -> bool:
+        """A connection for the next message (holding none while waiting at a cap). A
+        failure, with nowhere else to go, is the next message's outcome."""
+        carry = self._carry
+        opened = await self.sender.connect(
+            f, still_wanted=lambda: carry is not None or self.source.pending())
+        if isinstance(opened, AsyncConnection):
+            self.conn = opened
+            return True
+        if opened is None:  # the others sent what there was meanwhile
+            return False
+        tx, self._carry = self._carry or self._take(), None
+        if tx is not None:
+            self._done(tx, opened)
+        return False
 
     def _take(self) -> _Tx | None:
         """The next message, composed; one that cannot be is settled here."""
@@ -130,25 +187,29 @@ class Pump:
 
     async def _send(self, tx: _Tx) -> None:
         """`tx`, and while its connection may overlap the next, the messages after it."""
-        conn = await self._connection(tx)
-        if conn is None:
-            return
-        source, relay, session = self.source, conn.relay, conn.session
+        source = self.source
         if source.paced and not await source.turn():
             return self._done(tx, ABANDONED)
+        conn = self.conn
+        assert conn is not None
+        relay = conn.relay
         if relay.limiter is not None:  # this relay's rate: a slot of its schedule first
             await relay.limiter.await_turn()
             if relay.limiter.cancelled:
                 return self._done(tx, ABANDONED)
+        if not conn.usable or conn is not self.conn:  # closed while it waited for its turn
+            self._drop(lost=True)
+            self._carry = tx  # nothing was written: on a new connection, at once
+            return None
+        session = conn.session
         overlap = not source.paced and relay.limiter is None and session.caps.pipelining
         step = self._start(conn, tx)
         inflight: list[tuple[_Tx, int]] = []
-        out, replies = b"", 0
+        out = b""
         while step is not None:
             cur, (data, n) = step
             out += data
             inflight.append((cur, n))
-            replies += 1 if n == FINAL else n
             step = None
             if (n == FINAL and overlap and conn.usable
                     and session.sent < self.sender.max_per_connection):
@@ -156,26 +217,16 @@ class Pump:
                     step = self._start(conn, nxt)
                 if step is not None:
                     continue  # the next message's commands go in the same write as this data
-            step = await self._round(conn, out, replies, inflight)
-            out, replies, inflight = b"", 0, []
+            step = await self._round(conn, out, inflight)
+            out, inflight = b"", []
         if conn is not self.conn:
-            return  # the connection broke; what was in flight is settled or carried
+            return None  # the connection broke; what was in flight is settled or carried
         if not conn.usable:  # 421: the server is closing the channel
             self._drop(lost=True)
         elif session.sent >= self.sender.max_per_connection:
             self._drop(lost=False)
             await self.sender.quit([conn])
-
-    async def _connection(self, tx: _Tx) -> AsyncConnection | None:
-        if self.conn is not None and not self.conn.usable:  # died while idle
-            self._drop(lost=True)
-        if self.conn is None:
-            opened = await self.sender.connect(tx.f)
-            if isinstance(opened, SendResult):
-                self._done(tx, opened)
-                return None
-            self.conn = opened
-        return self.conn
+        return None
 
     def _start(self, conn: AsyncConnection, tx: _Tx) -> tuple[_Tx, tuple[bytes, int]] | None:
         """`tx`'s first step on `conn`; None when the session refuses it before any byte."""
@@ -190,30 +241,34 @@ class Pump:
         self._open.append(tx)
         return tx, step
 
-    async def _round(self, conn: AsyncConnection, out: bytes, count: int,
+    async def _round(self, conn: AsyncConnection, out: bytes,
                      inflight: list[tuple[_Tx, int]]) -> tuple[_Tx, tuple[bytes, int]] | None:
-        """Write `out`, read the `count` replies of the transactions in flight, and hand each
-        its own; the step of the one that goes on (at most one: the last), if any."""
+        """Write `out`, read each in-flight transaction's replies, and hand them on; the step
+        of the one that goes on (at most one: the last), if any. One read per transaction: a
+        server that answers the first and then closes leaves the second's read failed, not
+        padded with made-up refusals, so that message goes again at once (nothing of it can
+        have been delivered)."""
         conn.write(out)  # with the other pumps' writes of this round (wire.WriteBatch)
-        try:
-            replies = await conn.expect(count)
-        except OSError as exc:
-            relay = conn.relay
-            self._drop(lost=True)
-            for tx, n in inflight:
-                self._broke(tx, relay, connection_result(exc, "connection lost"),
-                            sent_data=n == FINAL)
-            return None
-        step = None
-        for tx, n in inflight:
-            k = 1 if n == FINAL else n
-            mine, replies = replies[:k], replies[k:]
+        reads = [conn.expect(1 if n == FINAL else n) for _, n in inflight]
+        step, broken, relay = None, None, conn.relay
+        for (tx, n), read in zip(inflight, reads, strict=True):
+            if broken is None:
+                try:
+                    replies = await read
+                except OSError as exc:
+                    broken = connection_result(exc, "connection lost")
+                    self._drop(lost=True)
+            if broken is not None:
+                if read.done() and not read.cancelled():
+                    read.exception()  # retrieved: the first failed read says it all
+                self._broke(tx, relay, broken, sent_data=n == FINAL)
+                continue
             assert tx.flow is not None
             try:
-                step = tx, tx.flow.send(mine)
+                step = tx, tx.flow.send(replies)
             except StopIteration as stop:
                 self._done(tx, stop.value)
-        return step
+        return step if broken is None else None
 
     def _broke(self, tx: _Tx, relay: RelayState, failure: SendResult, *, sent_data: bool) -> None:
         if not sent_data and tx.reused and not tx.retried:
@@ -227,3 +282,52 @@ class Pump:
         conn, self.conn = self.conn, None
         if conn is not None:
             self.sender.end(conn, lost=lost)
+
+
+class Call:
+    __slots__ = ("message", "future")
+
+    def __init__(self, message: Any, future: asyncio.Future[SendResult]) -> None:
+        self.message, self.future = message, future
+
+
+class Calls:
+    """A source of single calls (AsyncSmtpSender.asend): one queued message per awaiting
+    coroutine, its outcome handed to the coroutine's future."""
+
+    paced = False
+
+    def __init__(self) -> None:
+        self.queue: deque[Call] = deque()
+        self.idle: deque[asyncio.Future[None]] = deque()
+
+    def pending(self) -> bool:
+        return bool(self.queue)
+
+    def take(self) -> Call | None:
+        while self.queue:
+            call = self.queue.popleft()
+            if not call.future.done():  # its caller was cancelled: not sent
+                return call
+        return None
+
+    async def wait(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self.idle.append(fut)
+        await fut
+
+    async def turn(self) -> bool:
+        return True
+
+    def wake(self) -> bool:
+        """Wake one parked pump; False when none was parked."""
+        while self.idle:
+            fut = self.idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return True
+        return False
+
+    def done(self, job: Call, result: SendResult, t0: float, t1: float) -> None:
+        if not job.future.done():
+            job.future.set_result(result)

@@ -32,14 +32,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from ..compose import ComposeError, Composer, Envelope
 from ..config import Relay, SendConfig, SmtpConfig
 from ..messages import Message
+from .aio_connection import AsyncConnection, WriteBatch
 from .base import ABANDONED, SendResult
 from .blocking import SyncConnection
-from .pump import Pump, Source
+from .pump import Call, Calls, Pump, Source
 from .relays import (
     CONNECT_ERRORS,
     Failover,
@@ -51,7 +52,7 @@ from .relays import (
     preflight,
     tls_context,
 )
-from .wire import AsyncConnection, ConnectionLost, WriteBatch, reply_result
+from .wire import ConnectionLost, reply_result
 
 __all__ = ["AsyncSmtpSender", "SmtpSender", "SyncConnection", "connection_result", "make_smtp_sender",
            "preflight", "reply_result", "tls_context"]
@@ -199,47 +200,6 @@ class SmtpSender(_Counters):
             self._drop(conn, lost=False)
 
 
-class _Call:
-    __slots__ = ("message", "future")
-
-    def __init__(self, message: Message | Envelope, future: asyncio.Future[SendResult]) -> None:
-        self.message, self.future = message, future
-
-
-class _Calls:
-    """`asend`'s own source for the pumps: one queued call per awaiting coroutine."""
-
-    paced = False
-
-    def __init__(self) -> None:
-        self.queue: deque[_Call] = deque()
-        self.idle: deque[asyncio.Future[None]] = deque()
-
-    def take(self) -> _Call | None:
-        return self.queue.popleft() if self.queue else None
-
-    async def wait(self) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self.idle.append(fut)
-        await fut
-
-    async def turn(self) -> bool:
-        return True
-
-    def wake(self) -> bool:
-        """Wake one parked pump; False when none was parked."""
-        while self.idle:
-            fut = self.idle.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return True
-        return False
-
-    def done(self, job: _Call, result: SendResult, t0: float, t1: float) -> None:
-        if not job.future.done():
-            job.future.set_result(result)
-
-
 class AsyncSmtpSender(_Counters):
     """For `--mode async`: connection pumps (pump.py), one coroutine per connection, each taking
     messages from a source and pipelining them over its connection. `serve` runs them for an
@@ -256,7 +216,9 @@ class AsyncSmtpSender(_Counters):
         self.max_per_connection = smtp.max_per_connection
         self._live: set[AsyncConnection] = set()
         self._wanted: deque[asyncio.Future[None]] = deque()  # waiting for a connection (at a cap)
-        self._calls = _Calls()
+        self._calls = Calls()
+        self._parked: list[Pump] = []  # pumps with nothing to send (their connections idle)
+        self._closing: set[asyncio.Task[None]] = set()  # QUITs of released connections
         self._batch = WriteBatch()  # every connection's writes of a loop round go out together
         self._pumps: list[asyncio.Task[None]] = []  # asend's
 
@@ -265,6 +227,9 @@ class AsyncSmtpSender(_Counters):
         """Pump `source`'s messages over up to `concurrency` connections (fewer with a cap)
         until cancelled."""
         n = min(concurrency, self.max_connections or concurrency)
+        caps = [r.relay.max_connections for r in self.pool.relays]
+        if None not in caps:  # no more pumps than connections the relays allow together
+            n = min(n, sum(c for c in caps if c is not None))
         await asyncio.gather(*(Pump(self, source).run() for _ in range(n)))
 
     # -- one message at a time
@@ -276,7 +241,7 @@ class AsyncSmtpSender(_Counters):
 
     async def _queue(self, message: Message | Envelope) -> SendResult:
         fut: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
-        self._calls.queue.append(_Call(message, fut))
+        self._calls.queue.append(Call(message, fut))
         if not self._calls.wake() and (self.max_connections is None
                                        or len(self._pumps) < self.max_connections):
             self._pumps.append(asyncio.get_running_loop().create_task(
@@ -287,15 +252,21 @@ class AsyncSmtpSender(_Counters):
     def envelope_of(self, message: Message | Envelope) -> Envelope | SendResult:
         return message if isinstance(message, Envelope) else self._envelope(message)
 
-    async def connect(self, f: Failover) -> AsyncConnection | SendResult:
+    async def connect(self, f: Failover, *, still_wanted: Callable[[], bool] | None = None,
+                      ) -> AsyncConnection | SendResult | None:
         """A new connection, on the relay the pool chooses, failing over; at a cap, once one
-        closes."""
+        closes, or None once `still_wanted` says the connection is no longer needed."""
         while True:
             a = self.pool.pick(f)
-            if a is None:  # at a cap: wait for a connection to close
+            if a is None and still_wanted is not None and not still_wanted():
+                return None
+            if a is None:  # at a cap: wait for a connection to close (a parked pump's, asked)
                 fut = asyncio.get_running_loop().create_future()
                 self._wanted.append(fut)
-                await fut
+                if self._parked:
+                    self._parked.pop().release()
+                # Bounded: a relay out of rotation comes due for its probe with time alone.
+                await asyncio.wait([fut], timeout=0.25)
                 continue
             if isinstance(a, SendResult):
                 return a
@@ -339,20 +310,37 @@ class AsyncSmtpSender(_Counters):
                 fut.set_result(None)
                 return
 
+    def parking(self, pump: Pump) -> None:
+        if self._wanted:  # another pump waits at a cap: this idle connection is its
+            pump.release()
+        else:
+            self._parked.append(pump)
+
+    def unparking(self, pump: Pump) -> None:
+        if pump in self._parked:
+            self._parked.remove(pump)
+
+    def quit_later(self, conn: AsyncConnection) -> None:
+        task = asyncio.get_running_loop().create_task(self.quit([conn]))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def quit(self, conns: list[AsyncConnection]) -> None:
         """QUIT, a moment for the replies, then close."""
         futs = []
-        for c in conns:
-            if c.usable:
-                c.write(b"QUIT\r\n")
-                futs.append(c.expect(1))
-        if futs:
-            await asyncio.wait(futs, timeout=min(self.smtp.timeout, 2.0))
-            for f in futs:
-                if f.done() and not f.cancelled():
-                    f.exception()  # retrieved: a connection reset after QUIT is no news
-        for c in conns:
-            c.abort()
+        try:
+            for c in conns:
+                if c.usable:
+                    c.write(b"QUIT\r\n")
+                    futs.append(c.expect(1))
+            if futs:
+                await asyncio.wait(futs, timeout=min(self.smtp.timeout, 2.0))
+                for f in futs:
+                    if f.done() and not f.cancelled():
+                        f.exception()  # retrieved: a connection reset after QUIT is no news
+        finally:
+            for c in conns:
+                c.abort()
 
     async def aclose(self) -> None:
         """Stop asend's pumps; QUIT every connection still open (the engine cancels its own
@@ -361,6 +349,9 @@ class AsyncSmtpSender(_Counters):
         for t in pumps:
             t.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+        while self._calls.queue:  # queued, never taken: not sent
+            self._calls.done(self._calls.queue.popleft(), ABANDONED, 0.0, 0.0)
+        await asyncio.gather(*self._closing, return_exceptions=True)
         live = list(self._live)
         for conn in live:
             conn.ended = True
