@@ -242,7 +242,16 @@ class Fake:
             self.server.close()
             for w in list(self.writers):
                 w.transport.abort()
-            await asyncio.sleep(0.01)  # the sessions see their connections go
+            # Every session sees its connection go and ends before the loop closes (a session
+            # left suspended is finalised later, on a closed loop, and warns).
+            for _ in range(200):
+                if self.open_now == 0:
+                    break
+                await asyncio.sleep(0.01)
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:  # e.g. a session accepted while the server closed
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

@@ -92,6 +92,13 @@ class AsyncEngine(Engine):
     def pending(self) -> bool:
         return bool(self._ready)
 
+    def putback(self, job: _Job) -> None:
+        if self._stopping.is_set():  # the queue was drained already: abandoned (resume sends it)
+            return self._abandon(job)
+        self._ready.appendleft(job)
+        self._wake(1)
+        return None
+
     def take(self) -> _Job | None:
         ready = self._ready
         while ready:

@@ -6,8 +6,9 @@ protocol steps coming from wire.Session. With PIPELINING, the moment a message's
 answered 354 its data and "." go out in one write together with the next message's MAIL, RCPT
 and DATA, and the replies to both come back together: one write and one read a message, as in
 the raw client of scripts/bench_smtp_clients.py. A worker coroutine per send, each awaiting a
-connection from a shared pool, cost 54 µs of CPU a message in scripts/bench_send_loop.py, a
-pump per connection 46 (docs/ray-notes.md, "Connection pumps").
+connection from a shared pool, cost 56-57 µs of CPU a message in scripts/bench_send_loop.py;
+pumps whose writes go out once per loop round (aio_connection.WriteBatch) 43-45
+(docs/ray-notes.md, "Connection pumps").
 
 Delivery rules (the same as the threaded sender's, smtp.py's docstring):
 - a connection that broke before a message's data was written cannot have delivered it: the
@@ -15,7 +16,8 @@ Delivery rules (the same as the threaded sender's, smtp.py's docstring):
   fresh); one that broke after the data fails that message only, as transient (retried later);
 - without PIPELINING, or where a rate limit paces each transaction, nothing overlaps: one
   transaction at a time, lock-step as wire.Session says;
-- a connection reaches `max_per_connection` transactions, then says QUIT; a 421 closes it.
+- a connection reaches `max_per_connection` transactions, then says QUIT; a 421 closes it;
+- a pump holds a message only while it has a connection (see `Pump`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class Source(Protocol):
     def pending(self) -> bool:
         """Whether `take` has a message now."""
 
+    def putback(self, job: Any) -> None:
+        """`job`, taken but not sent, goes first again."""
+
     def take(self) -> Job | None:
         """The next message to send; None when there is none now (or the run is stopping)."""
 
@@ -68,6 +73,7 @@ class Opener(Protocol):
 
     def envelope_of(self, message: Any) -> Envelope | SendResult: ...
     async def connect(self, f: Failover, *, still_wanted: Callable[[], bool] | None = None,
+                      at_cap: Callable[[], None] | None = None,
                       ) -> AsyncConnection | SendResult | None: ...
     def end(self, conn: AsyncConnection, *, lost: bool) -> None: ...
     async def quit(self, conns: list[AsyncConnection]) -> None: ...
@@ -95,10 +101,11 @@ class _Tx:
 class Pump:
     """One connection at a time, fed from `source`. `run` returns only when cancelled.
 
-    A pump holds a message only while it has a connection, or is opening one: a pump that
-    waits for a connection at a cap (pick answers None) holds nothing, so the messages go to
-    the pumps that have connections and no batch waits on a pump that cannot send. A pump with
-    an idle connection gives it up when another pump waits at a cap (`release`)."""
+    A pump holds a message only while it has a connection, or is opening one: a pump made to
+    wait for a connection at a cap (pick answers None) gives its message back and waits holding
+    nothing, so the messages go to the pumps that have connections and no batch waits on a pump
+    that cannot send. A pump with an idle connection gives it up when another pump waits at a
+    cap (`release`)."""
 
     def __init__(self, sender: Opener, source: Source) -> None:
         self.sender, self.source = sender, source
@@ -111,15 +118,13 @@ class Pump:
         while True:
             tx: _Tx | None = None
             try:
-                if self._carry is None and not self.source.pending():
+                tx, self._carry = self._carry or self._take(), None
+                if tx is None:
                     await self._park()
                     continue
-                f = self._carry.f if self._carry is not None else Failover()
-                if self.conn is None and not await self._connect(f):
-                    continue
-                tx, self._carry = self._carry or self._take(), None
+                if self.conn is None:
+                    tx = await self._connect(tx)
                 if tx is not None:
-                    tx.f = f
                     await self._send(tx)
             except asyncio.CancelledError:
                 for t in [*self._open, *([tx] if tx is not None else [])]:
@@ -149,21 +154,27 @@ class Pump:
             self._drop(lost=False)
             self.sender.quit_later(conn)
 
-    async def _connect(self, f: Failover) -> bool:
-        """A connection for the next message (holding none while waiting at a cap). A
-        failure, with nowhere else to go, is the next message's outcome."""
-        carry = self._carry
+    async def _connect(self, tx: _Tx) -> _Tx | None:
+        """A connection for `tx`: the message to send on it, or None. Made to wait at a cap, the
+        pump gives `tx` back to its source first (another pump may send it meanwhile; a carried
+        message so given back goes as a new one) and, connected, takes the next one."""
+        held = [tx]
+
+        def at_cap() -> None:
+            if held:
+                t = held.pop()
+                t.settled = True  # not by this pump
+                self.source.putback(t.job)
         opened = await self.sender.connect(
-            f, still_wanted=lambda: carry is not None or self.source.pending())
+            tx.f, at_cap=at_cap, still_wanted=lambda: bool(held) or self.source.pending())
         if isinstance(opened, AsyncConnection):
             self.conn = opened
-            return True
-        if opened is None:  # the others sent what there was meanwhile
-            return False
-        tx, self._carry = self._carry or self._take(), None
-        if tx is not None:
-            self._done(tx, opened)
-        return False
+            return held[0] if held else self._take()
+        if opened is not None:  # no relay to go to: the send's outcome
+            t = held[0] if held else self._take()
+            if t is not None:
+                self._done(t, opened)
+        return None
 
     def _take(self) -> _Tx | None:
         """The next message, composed; one that cannot be is settled here."""
@@ -303,6 +314,10 @@ class Calls:
 
     def pending(self) -> bool:
         return bool(self.queue)
+
+    def putback(self, job: Call) -> None:
+        self.queue.appendleft(job)
+        self.wake()
 
     def take(self) -> Call | None:
         while self.queue:

@@ -253,11 +253,15 @@ class AsyncSmtpSender(_Counters):
         return message if isinstance(message, Envelope) else self._envelope(message)
 
     async def connect(self, f: Failover, *, still_wanted: Callable[[], bool] | None = None,
+                      at_cap: Callable[[], None] | None = None,
                       ) -> AsyncConnection | SendResult | None:
-        """A new connection, on the relay the pool chooses, failing over; at a cap, once one
-        closes, or None once `still_wanted` says the connection is no longer needed."""
+        """A new connection, on the relay the pool chooses, failing over; at a cap (`at_cap`
+        called before waiting), once one closes, or None once `still_wanted` says the
+        connection is no longer needed."""
         while True:
             a = self.pool.pick(f)
+            if a is None and at_cap is not None:
+                at_cap()
             if a is None and still_wanted is not None and not still_wanted():
                 return None
             if a is None:  # at a cap: wait for a connection to close (a parked pump's, asked)
@@ -267,6 +271,7 @@ class AsyncSmtpSender(_Counters):
                     self._parked.pop().release()
                 # Bounded: a relay out of rotation comes due for its probe with time alone.
                 await asyncio.wait([fut], timeout=0.25)
+                fut.cancel()  # no-op once woken; else no longer a waiter (_wake skips it)
                 continue
             if isinstance(a, SendResult):
                 return a
@@ -311,6 +316,7 @@ class AsyncSmtpSender(_Counters):
                 return
 
     def parking(self, pump: Pump) -> None:
+        self._wanted = deque(f for f in self._wanted if not f.done())
         if self._wanted:  # another pump waits at a cap: this idle connection is its
             pump.release()
         else:
