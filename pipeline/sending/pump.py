@@ -32,7 +32,7 @@ from ..compose import Envelope
 from .aio_connection import AsyncConnection
 from .base import ABANDONED, SendResult
 from .relays import Failover, RelayState, connection_result
-from .wire import FINAL, Flow
+from .wire import CLOSED, FINAL, Flow
 
 
 class Job(Protocol):
@@ -254,32 +254,40 @@ class Pump:
 
     async def _round(self, conn: AsyncConnection, out: bytes,
                      inflight: list[tuple[_Tx, int]]) -> tuple[_Tx, tuple[bytes, int]] | None:
-        """Write `out`, read each in-flight transaction's replies, and hand them on; the step
-        of the one that goes on (at most one: the last), if any. One read per transaction: a
-        server that answers the first and then closes leaves the second's read failed, not
-        padded with made-up refusals, so that message goes again at once (nothing of it can
-        have been delivered)."""
-        conn.write(out)  # with the other pumps' writes of this round (wire.WriteBatch)
-        reads = [conn.expect(1 if n == FINAL else n) for _, n in inflight]
-        step, broken, relay = None, None, conn.relay
-        for (tx, n), read in zip(inflight, reads, strict=True):
-            if broken is None:
-                try:
-                    replies = await read
-                except OSError as exc:
-                    broken = connection_result(exc, "connection lost")
+        """Write `out`, read the replies of every transaction in flight (one read), and hand
+        each its own; the step of the one that goes on (at most one: the last), if any. A
+        server that answered part and then closed leaves the rest as wire.CLOSED placeholders:
+        a transaction that got nothing but those broke with the connection, it was not refused
+        (one without its data written goes again at once: nothing of it was delivered)."""
+        conn.write(out)  # with the other pumps' writes of this round (WriteBatch)
+        relay = conn.relay
+        try:
+            replies = await conn.expect(sum(1 if n == FINAL else n for _, n in inflight))
+        except OSError as exc:
+            self._drop(lost=True)
+            for tx, n in inflight:
+                self._broke(tx, relay, connection_result(exc, "connection lost"),
+                            sent_data=n == FINAL)
+            return None
+        step, i, closed = None, 0, False
+        for tx, n in inflight:
+            k = 1 if n == FINAL else n
+            mine = replies[i:i + k]
+            i += k
+            if mine[0] is CLOSED:  # nothing came for it (a refusal that came is its own)
+                if not closed:
+                    closed = True
                     self._drop(lost=True)
-            if broken is not None:
-                if read.done() and not read.cancelled():
-                    read.exception()  # retrieved: the first failed read says it all
-                self._broke(tx, relay, broken, sent_data=n == FINAL)
+                self._broke(tx, relay, connection_result(
+                    ConnectionResetError("the server closed the connection"), "connection lost"),
+                    sent_data=n == FINAL)
                 continue
             assert tx.flow is not None
             try:
-                step = tx, tx.flow.send(replies)
+                step = tx, tx.flow.send(mine)
             except StopIteration as stop:
                 self._done(tx, stop.value)
-        return step if broken is None else None
+        return None if closed else step
 
     def _broke(self, tx: _Tx, relay: RelayState, failure: SendResult, *, sent_data: bool) -> None:
         if not sent_data and tx.reused and not tx.retried:
