@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from pipeline.compose import Envelope
 from pipeline.config import Relay, RetryPolicy, SmtpConfig
 from pipeline.lab.sink import free_port
 from pipeline.ledger import LedgerWriter, read_journal
@@ -145,8 +146,8 @@ def test_a_connection_closed_while_waiting_for_the_rate_is_replaced(tmp_path: Pa
 
 def test_pumps_waiting_at_a_relay_cap_hold_no_message(tmp_path: Path) -> None:
     """50 pumps, one relay down and the other capped at 2 connections: the pumps that find the
-    cap wait holding nothing, an idle connection is given up for a waiting pump, and every
-    message goes out on the capped relay."""
+    cap give their messages back and wait holding nothing, and every message goes out on the
+    capped relay, never more than 2 connections at once."""
     with Fake() as fake:
         down = free_port()  # nothing listens there: refused, out of rotation
         smtp = SmtpConfig(relays=(Relay(host="127.0.0.1", port=fake.port, max_connections=2),
@@ -168,3 +169,24 @@ def test_pumps_waiting_at_a_relay_cap_hold_no_message(tmp_path: Path) -> None:
     assert counts.sent == 300 and counts.failed == 0
     assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in msgs(300))
     assert fake.most_open <= 2
+
+
+def test_a_session_bug_on_the_overlapped_message_settles_it_and_the_pump_goes_on() -> None:
+    """An envelope the sans-IO session raises on (no recipient), taken to follow another
+    message's data: it fails alone (permanent, nothing of it was written), the message before
+    it is delivered and the pump goes on with the next one."""
+    bad = Envelope(FROM, None, b"Subject: x\r\n\r\nx\r\n", False)  # type: ignore[arg-type]
+    with Fake() as fake:
+        snd = AsyncSmtpSender(config(fake.port, max_per_connection=1000), COMPOSER,
+                              local_hostname="client.example", max_connections=1)
+
+        async def main() -> list[Any]:
+            calls = [snd.asend_envelope(env(0)), snd.asend_envelope(bad),
+                     snd.asend_envelope(env(2)), snd.asend_envelope(env(3))]
+            out = await asyncio.wait_for(asyncio.gather(*calls), 10)
+            await snd.aclose()
+            return out
+        results = asyncio.run(main())
+    assert [r.status for r in results] == ["sent", "permanent", "sent", "sent"]
+    assert "message not sendable: TypeError" in (results[1].error or "")
+    assert sorted(to for _, to, _ in fake.received) == [f"user{i}@example.com" for i in (0, 2, 3)]

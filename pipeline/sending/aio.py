@@ -180,6 +180,7 @@ class AsyncEngine(Engine):
         async def shutdown() -> None:
             for w in self._workers:
                 w.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
             await self.sender.aclose()
         fut = asyncio.run_coroutine_threadsafe(shutdown(), self._loop)
         try:

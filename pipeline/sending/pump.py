@@ -77,9 +77,6 @@ class Opener(Protocol):
                       ) -> AsyncConnection | SendResult | None: ...
     def end(self, conn: AsyncConnection, *, lost: bool) -> None: ...
     async def quit(self, conns: list[AsyncConnection]) -> None: ...
-    def quit_later(self, conn: AsyncConnection) -> None: ...
-    def parking(self, pump: Pump) -> None: ...
-    def unparking(self, pump: Pump) -> None: ...
     def broke_fresh(self, f: Failover, relay: RelayState, failure: SendResult) -> bool: ...
 
 
@@ -102,10 +99,9 @@ class Pump:
     """One connection at a time, fed from `source`. `run` returns only when cancelled.
 
     A pump holds a message only while it has a connection, or is opening one: a pump made to
-    wait for a connection at a cap (pick answers None) gives its message back and waits holding
-    nothing, so the messages go to the pumps that have connections and no batch waits on a pump
-    that cannot send. A pump with an idle connection gives it up when another pump waits at a
-    cap (`release`)."""
+    wait for a connection at a cap (pick answers None) gives its message back (which wakes a
+    parked pump that has a connection) and waits holding nothing, giving up once nothing is
+    left to send; so no batch waits on a pump that cannot send."""
 
     def __init__(self, sender: Opener, source: Source) -> None:
         self.sender, self.source = sender, source
@@ -120,7 +116,7 @@ class Pump:
             try:
                 tx, self._carry = self._carry or self._take(), None
                 if tx is None:
-                    await self._park()
+                    await self.source.wait()  # its connection, if any, kept open meanwhile
                     continue
                 if self.conn is None:
                     tx = await self._connect(tx)
@@ -129,7 +125,8 @@ class Pump:
             except asyncio.CancelledError:
                 for t in [*self._open, *([tx] if tx is not None else [])]:
                     if not t.settled:
-                        self._done(t, SendResult("transient", "not sent: the sender closed"))
+                        self._done(t, SendResult("transient", "the sender closed before the "
+                                                 "server replied"))
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug must not stop the pump
                 self._drop(lost=True)
@@ -138,21 +135,6 @@ class Pump:
                     if not t.settled:
                         self._done(t, failure)
                 self._open, self._carry = [], None
-
-    async def _park(self) -> None:
-        """Nothing to send: wait for more, the connection kept open (given up if asked)."""
-        self.sender.parking(self)
-        try:
-            await self.source.wait()
-        finally:
-            self.sender.unparking(self)
-
-    def release(self) -> None:
-        """Give up the idle connection (another pump waits at a cap): QUIT, then close."""
-        conn = self.conn
-        if conn is not None:
-            self._drop(lost=False)
-            self.sender.quit_later(conn)
 
     async def _connect(self, tx: _Tx) -> _Tx | None:
         """A connection for `tx`: the message to send on it, or None. Made to wait at a cap, the
@@ -170,10 +152,8 @@ class Pump:
         if isinstance(opened, AsyncConnection):
             self.conn = opened
             return held[0] if held else self._take()
-        if opened is not None:  # no relay to go to: the send's outcome
-            t = held[0] if held else self._take()
-            if t is not None:
-                self._done(t, opened)
+        if opened is not None and held:  # no relay to go to: the send's outcome
+            self._done(held[0], opened)
         return None
 
     def _take(self) -> _Tx | None:
@@ -244,12 +224,16 @@ class Pump:
         tx.reused = conn.session.sent > 0
         tx.t0 = time.time()
         tx.flow = conn.session.transaction(tx.env)
+        self._open.append(tx)
         try:
             step = next(tx.flow)
         except StopIteration as stop:
             self._done(tx, stop.value)
             return None
-        self._open.append(tx)
+        except Exception as exc:  # noqa: BLE001 - nothing written yet: this message only
+            self._done(tx, SendResult("permanent", f"message not sendable: {type(exc).__name__}: "
+                                      f"{exc}"))
+            return None
         return tx, step
 
     async def _round(self, conn: AsyncConnection, out: bytes,
@@ -321,6 +305,8 @@ class Calls:
         self.idle: deque[asyncio.Future[None]] = deque()
 
     def pending(self) -> bool:
+        while self.queue and self.queue[0].future.done():  # callers cancelled: not sent
+            self.queue.popleft()
         return bool(self.queue)
 
     def putback(self, job: Call) -> None:

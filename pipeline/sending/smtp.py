@@ -217,8 +217,6 @@ class AsyncSmtpSender(_Counters):
         self._live: set[AsyncConnection] = set()
         self._wanted: deque[asyncio.Future[None]] = deque()  # waiting for a connection (at a cap)
         self._calls = Calls()
-        self._parked: list[Pump] = []  # pumps with nothing to send (their connections idle)
-        self._closing: set[asyncio.Task[None]] = set()  # QUITs of released connections
         self._batch = WriteBatch()  # every connection's writes of a loop round go out together
         self._pumps: list[asyncio.Task[None]] = []  # asend's
 
@@ -264,14 +262,15 @@ class AsyncSmtpSender(_Counters):
                 at_cap()
             if a is None and still_wanted is not None and not still_wanted():
                 return None
-            if a is None:  # at a cap: wait for a connection to close (a parked pump's, asked)
+            if a is None:  # at a cap: wait for a connection to close
                 fut = asyncio.get_running_loop().create_future()
                 self._wanted.append(fut)
-                if self._parked:
-                    self._parked.pop().release()
-                # Bounded: a relay out of rotation comes due for its probe with time alone.
-                await asyncio.wait([fut], timeout=0.25)
-                fut.cancel()  # no-op once woken; else no longer a waiter (_wake skips it)
+                try:  # bounded: a relay out of rotation comes due for its probe with time alone
+                    await asyncio.wait([fut], timeout=0.25)
+                finally:
+                    if not fut.done():  # no longer a waiter
+                        fut.cancel()
+                        self._wanted.remove(fut)
                 continue
             if isinstance(a, SendResult):
                 return a
@@ -315,22 +314,6 @@ class AsyncSmtpSender(_Counters):
                 fut.set_result(None)
                 return
 
-    def parking(self, pump: Pump) -> None:
-        self._wanted = deque(f for f in self._wanted if not f.done())
-        if self._wanted:  # another pump waits at a cap: this idle connection is its
-            pump.release()
-        else:
-            self._parked.append(pump)
-
-    def unparking(self, pump: Pump) -> None:
-        if pump in self._parked:
-            self._parked.remove(pump)
-
-    def quit_later(self, conn: AsyncConnection) -> None:
-        task = asyncio.get_running_loop().create_task(self.quit([conn]))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
     async def quit(self, conns: list[AsyncConnection]) -> None:
         """QUIT, a moment for the replies, then close."""
         futs = []
@@ -357,7 +340,6 @@ class AsyncSmtpSender(_Counters):
         await asyncio.gather(*pumps, return_exceptions=True)
         while self._calls.queue:  # queued, never taken: not sent
             self._calls.done(self._calls.queue.popleft(), ABANDONED, 0.0, 0.0)
-        await asyncio.gather(*self._closing, return_exceptions=True)
         live = list(self._live)
         for conn in live:
             conn.ended = True
