@@ -123,18 +123,20 @@ class Pump:
                 if tx is not None:
                     await self._send(tx)
             except asyncio.CancelledError:
-                for t in [*self._open, *([tx] if tx is not None else [])]:
-                    if not t.settled:
-                        self._done(t, SendResult("transient", "the sender closed before the "
-                                                 "server replied"))
+                self._settle_all(tx, SendResult("transient",
+                                                "the sender closed before the server replied"))
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug must not stop the pump
                 self._drop(lost=True)
-                failure = SendResult("transient", f"send failed: {type(exc).__name__}: {exc}")
-                for t in [*self._open, *([tx] if tx is not None else [])]:
-                    if not t.settled:
-                        self._done(t, failure)
+                self._settle_all(tx, SendResult("transient",
+                                                f"send failed: {type(exc).__name__}: {exc}"))
                 self._open, self._carry = [], None
+
+    def _settle_all(self, tx: _Tx | None, result: SendResult) -> None:
+        """Every message this pump holds, and `tx`, not yet settled: `result`."""
+        for t in [*self._open, *([tx] if tx is not None else [])]:
+            if not t.settled:
+                self._done(t, result)
 
     async def _connect(self, tx: _Tx) -> _Tx | None:
         """A connection for `tx`: the message to send on it, or None. Made to wait at a cap, the
@@ -330,13 +332,18 @@ class Calls:
 
     def wake(self) -> bool:
         """Wake one parked pump; False when none was parked."""
-        while self.idle:
-            fut = self.idle.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return True
-        return False
+        return wake_one(self.idle)
 
     def done(self, job: Call, result: SendResult, t0: float, t1: float) -> None:
         if not job.future.done():
             job.future.set_result(result)
+
+
+def wake_one(waiters: deque[asyncio.Future[None]]) -> bool:
+    """Wake the first of `waiters` still waiting; False when none was."""
+    while waiters:
+        fut = waiters.popleft()
+        if not fut.done():
+            fut.set_result(None)
+            return True
+    return False

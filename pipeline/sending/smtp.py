@@ -40,7 +40,7 @@ from ..messages import Message
 from .aio_connection import AsyncConnection, WriteBatch
 from .base import ABANDONED, SendResult
 from .blocking import SyncConnection
-from .pump import Call, Calls, Pump, Source
+from .pump import Call, Calls, Pump, Source, wake_one
 from .relays import (
     CONNECT_ERRORS,
     Failover,
@@ -308,11 +308,7 @@ class AsyncSmtpSender(_Counters):
         return self._broke_fresh(f, relay, failure)
 
     def _wake(self) -> None:
-        while self._wanted:
-            fut = self._wanted.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
+        wake_one(self._wanted)
 
     async def quit(self, conns: list[AsyncConnection]) -> None:
         """QUIT, a moment for the replies, then close."""
