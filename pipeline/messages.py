@@ -35,9 +35,12 @@ def message_id(campaign: str, recipient_id: int, domain: str) -> str:
 def message_ids(campaign: str, ids: pa.Array | pa.ChunkedArray, domain: str) -> list[str]:
     """`message_id` over a column of ids, built by Arrow: a per-row f-string was a visible share
     of an actor's CPU at 60,000 emails/s (py-spy)."""
-    joined = pc.binary_join_element_wise(f"<{campaign}.", pc.cast(ids, pa.string()),
-                                         f"@{domain}>", "")
-    return list(joined.to_pylist())
+    return list(_message_id_array(campaign, ids, domain).to_pylist())
+
+
+def _message_id_array(campaign: str, ids: pa.Array | pa.ChunkedArray, domain: str) -> Any:
+    return pc.binary_join_element_wise(f"<{campaign}.", pc.cast(ids, pa.string()),
+                                       f"@{domain}>", "")
 
 
 def id_domain(from_addr: str) -> str:
@@ -56,21 +59,26 @@ HEADER_UNSAFE = re.compile("[" + "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in _U
 HEADER_UNSAFE_POLARS = "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in _UNSAFE_RANGES) + "]"
 
 
-class _Columns:
-    """A batch's template columns, each turned into Python values only when first read: the
-    fake sender never reads them, and SMTP reads every one once."""
+class Columns:
+    """A batch's rows as read by whoever needs them: the filtered table, its template columns
+    (`names`), its Message-IDs as Arrow, and `derived`, what a reader computed once for the
+    whole batch (the composer's prepared messages), by the reader's key. Template columns turn
+    into Python values only when first read: the fake sender never reads them, and SMTP reads
+    every one once."""
 
-    __slots__ = ("_batch", "names", "_lists")
+    __slots__ = ("table", "names", "message_ids", "derived", "_lists")
 
-    def __init__(self, batch: pa.Table, names: tuple[str, ...]) -> None:
-        self._batch = batch
+    def __init__(self, table: pa.Table, names: tuple[str, ...], message_ids: pa.Array) -> None:
+        self.table = table
         self.names = names
+        self.message_ids = message_ids
+        self.derived: dict[object, Any] = {}
         self._lists: dict[str, list[Any]] = {}
 
     def get(self, name: str, i: int) -> Any:
         values = self._lists.get(name)
         if values is None:  # two threads may both convert: same values, no harm
-            values = self._lists[name] = self._batch.column(name).to_pylist()
+            values = self._lists[name] = self.table.column(name).to_pylist()
         return values[i]
 
 
@@ -79,7 +87,7 @@ class _RowFields(Mapping[str, Any]):
 
     __slots__ = ("_cols", "_i")
 
-    def __init__(self, cols: _Columns, i: int) -> None:
+    def __init__(self, cols: Columns, i: int) -> None:
         self._cols = cols
         self._i = i
 
@@ -100,6 +108,11 @@ class _RowFields(Mapping[str, Any]):
         return len(self._cols.names)
 
 
+def batch_row(fields: Mapping[str, Any]) -> tuple[Columns, int] | None:
+    """The batch and row a Message's `fields` were read from (`from_batch`), else None."""
+    return (fields._cols, fields._i) if type(fields) is _RowFields else None
+
+
 def from_batch(batch: pa.Table, *, campaign: str, domain: str, fields: tuple[str, ...],
                skip: set[int] | frozenset[int] = frozenset()) -> list[Message]:
     """The batch's rows (`id`, `email`, template fields) as Messages, leaving out ids in `skip`.
@@ -110,7 +123,8 @@ def from_batch(batch: pa.Table, *, campaign: str, domain: str, fields: tuple[str
         batch = batch.filter(pc.invert(pc.is_in(batch.column("id"),
                                                 value_set=pa.array(sorted(skip), pa.int64()))))
     id_col = batch.column("id")
-    columns = _Columns(batch, tuple(f for f in fields if f in batch.column_names))
+    mids = _message_id_array(campaign, id_col, domain)
+    columns = Columns(batch, tuple(f for f in fields if f in batch.column_names), mids)
     return list(map(Message, id_col.to_pylist(), batch.column("email").to_pylist(),
-                    message_ids(campaign, id_col, domain),
+                    mids.to_pylist(),
                     map(_RowFields, itertools.repeat(columns), range(batch.num_rows))))
