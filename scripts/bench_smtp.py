@@ -15,7 +15,9 @@ Rows, all into the same `smtp-sink` (a C server that accepts and discards, offer
   threads   bulkmail --sender smtp, --mode threads (2 actors × 100 threads);
   async     bulkmail --sender smtp, --mode async (2 actors × 2,000, 100 connections each).
 bulkmail's rate is its send window (first start to last end, from its own ledger), the same
-measure the report prints; its whole-command rate (Ray start included) is shown beside it.
+measure the report prints; its whole-command rate (Ray start included) is shown beside it, and
+the whole machine's CPU in the send window per message (every process: the sink, Ray, the
+driver; /proc/stat), the number the README's sizing uses.
 `--card` adds the card's configuration (8 actors × 100 threads) over 16,000 messages against a
 sink that waits 1 s per DATA: the ideal is 800 messages/s. Under 800 connections smtp-sink's
 wait is not one second (scripts/sink_wait_probe.py); `--card-server exact` uses
@@ -107,6 +109,50 @@ def bulkmail(port: int, path: Path, work: Path, *, mode: str, actors: int, per_a
     return rep.send.emails_per_s, rep.counts.sent / wall, rep.counts.sent
 
 
+class MachineCpu:
+    """The whole machine's busy CPU time (every process, kernel included; /proc/stat),
+    sampled every 50 ms in a thread, so that a span found afterwards (a send window, from the
+    ledger) can be charged what the machine spent in it."""
+
+    def __init__(self) -> None:
+        import threading
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def busy() -> float:
+        user, nice, system, _idle, _iowait, irq, softirq = map(
+            int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8])
+        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self.busy()))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> MachineCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, t0: float, t1: float) -> float:
+        """CPU seconds the machine spent from t0 to t1 (the samples nearest inside)."""
+        inside = [b for t, b in self.samples if t0 <= t <= t1]
+        return inside[-1] - inside[0] if len(inside) > 1 else 0.0
+
+
+def window_of(run_dir: Path) -> tuple[float, float]:
+    """The send window of a run (first attempt's start, last attempt's end), epoch seconds."""
+    from pipeline import ledger
+    frame = ledger.read_ledger(str(run_dir))
+    return (frame["started_at"].min().timestamp(),  # type: ignore[union-attr]
+            frame["finished_at"].max().timestamp())  # type: ignore[union-attr]
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -186,11 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             raw = timed("raw", "", lambda: raw_run(sink.port, Source(messages(a.messages), 60), 100))
             rows.append(("raw pipelined asyncio + uvloop, 100 connections", raw.rate, ""))
             for mode, per_actor in (("threads", 100), ("async", 2000)):
-                window, whole, sent = bulkmail(sink.port, path, work, mode=mode, actors=2,
-                                               per_actor=per_actor, campaign=f"bench-{mode}")
+                with MachineCpu() as machine:
+                    window, whole, sent = bulkmail(sink.port, path, work, mode=mode, actors=2,
+                                                   per_actor=per_actor, campaign=f"bench-{mode}")
                 assert sent == a.messages, (mode, sent)
+                used = machine.between(*window_of(work / "runs" / f"bench-{mode}"))
                 rows.append((f"bulkmail --mode {mode}, 2 actors × {per_actor}", window,
-                             f"whole command {whole:,.0f}/s"))
+                             f"whole command {whole:,.0f}/s; in the send window the machine "
+                             f"(sink, Ray, driver) {used / sent * 1e6:.0f} µs a message"))
         finally:
             sink.stop()
         base, limit = rows[0][1], rows[1][1]
