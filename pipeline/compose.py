@@ -9,10 +9,11 @@ headers) is built once per Composer, and a message only renders and encodes what
 Subject, Date once a second, Message-ID, List-Unsubscribe, the bodies). `email.mime` cost
 130-300 µs a message here (plain; with an HTML part), this 16-24 µs one by one. Templates that
 are only text and bare `{{ name }}`s are filled by joining strings (templates.Fill), the rest
-rendered by Jinja2. A Message read from a batch (messages.from_batch) is composed with its
-whole batch at its first call: compose_batch.py writes the plain rows' bytes by Arrow and
-renders the others' templates, which are then encoded here (7.6 µs a message on average for
-the benchmark's list, 11.2 before: `python scripts/bench_send_loop.py`, its "compose" stage).
+rendered by Jinja2. For a Message read from a batch (messages.from_batch) the headers come
+from its whole batch, prepared at its first call: compose_batch.py writes the header block of
+the rows whose headers are plain by Arrow and renders the others' header templates; bodies
+are always rendered and encoded per message (8.8 µs a message on average for the benchmark's
+list, 11.2 before: `python scripts/bench_send_loop.py`, its "compose" stage).
 tests/test_compose.py checks, with the `email` package's parser, that these messages read back
 as intended, and as the `email` package's own ones do; tests/test_compose_batch.py that the
 batch writes what this path writes.
@@ -63,8 +64,6 @@ class Envelope(NamedTuple):  # a tuple: a frozen dataclass's __init__ cost ~1 µ
     recipient: str
     data: bytes
     smtputf8: bool  # the envelope needs the server's SMTPUTF8 extension
-    # The DATA payload (dot-stuffed, ended with CRLF.CRLF) when the composer wrote it already.
-    payload: bytes | None = None
 
 
 class _Parts(NamedTuple):  # a tuple: a frozen dataclass's __init__ cost ~1 µs a message
@@ -130,19 +129,13 @@ class Composer:
         self._plan = self._batch_plan()
 
     def _batch_plan(self) -> compose_batch.Plan | None:
-        """What compose_batch needs, when every template is a Fill and From is ASCII."""
-        templates = (self._subject, self._unsubscribe, self._text, self._html)
-        subject, unsubscribe, text, html = (None if t is None else self._fills[id(t)]
-                                            for t in templates)
-        if self._from_utf8 or subject is None or any(
-                t is not None and self._fills[id(t)] is None for t in templates):
+        """What compose_batch needs, when the header templates are Fills and From is ASCII."""
+        subject = self._fills[id(self._subject)]
+        unsubscribe = None if self._unsubscribe is None else self._fills[id(self._unsubscribe)]
+        if self._from_utf8 or subject is None or (self._unsubscribe and unsubscribe is None):
             return None
-        return compose_batch.Plan(
-            campaign=self.campaign, globals_=frozenset().union(*map(set, self._globals.values())),
-            subject=subject, unsubscribe=unsubscribe, text=text, html=html,
-            mime=self._mime.decode(),
-            plain_part=self._plain[False].decode(), html_part=self._html_part[False].decode(),
-            delimiter=self._delimiter.decode(), close=self._close.decode())
+        return compose_batch.Plan(campaign=self.campaign, subject=subject, unsubscribe=unsubscribe,
+                                  globals_=frozenset().union(*map(set, self._globals.values())))
 
     def context(self, msg: Message) -> dict[str, Any]:
         return {"id": msg.id, "email": msg.to, "campaign": self.campaign, **msg.fields}
@@ -196,11 +189,13 @@ class Composer:
         if not mid.isascii() and not utf8:  # the sender's IDN domain: its ASCII form
             left, _, right = mid.rpartition("@")
             mid = f"{left}@{idna(right.removesuffix('>'))}>" if right.endswith(">") else mid
-        text, html = (r.text or "", r.html) if r is not None else (
-            "" if self._text is None else self._render(self._text, msg, builtins, "--template"),
-            None if self._html is None else
-            self._render(self._html, msg, builtins, "--template (html)"))
+        text, html = self._bodies(msg, builtins)
         return _Parts(name, to_addr, subject, mid, url, text, html, utf8)
+
+    def _bodies(self, msg: Message, builtins: Mapping[str, Any]) -> tuple[str, str | None]:
+        return ("" if self._text is None else self._render(self._text, msg, builtins, "--template"),
+                None if self._html is None else
+                self._render(self._html, msg, builtins, "--template (html)"))
 
     def _from_date(self) -> bytes:
         """The From and Date lines, which begin every message."""
@@ -234,11 +229,15 @@ class Composer:
         Raises ComposeError when this recipient's message cannot be built safely."""
         row = batch_row(msg.fields) if self._plan is not None else None
         got = None if row is None else self._prepared(*row)
-        if type(got) is tuple:  # (data, payload); a Rendered is a tuple of another type
-            data, payload = cast(tuple[bytes, bytes], got)
-            head = self._from_date()
-            return Envelope(self.envelope_from, msg.to, head + data, False, head + payload)
-        p = self._parts(msg, got)  # type: ignore[arg-type]
+        if type(got) is bytes:  # the header block, To to List-Unsubscribe
+            builtins = {"id": msg.id, "email": msg.to, "campaign": self.campaign}
+            text, html = self._bodies(msg, builtins)
+            try:
+                data = self._from_date() + got + self._serialise_bodies(text, html)
+            except (ValueError, TypeError, UnicodeError) as exc:
+                raise ComposeError(f"message cannot be serialised: {exc}") from None
+            return Envelope(self.envelope_from, msg.to, data, False)
+        p = self._parts(msg, cast(compose_batch.Rendered | None, got))
         try:
             data = self._serialise(p)
         except (ValueError, TypeError, UnicodeError) as exc:  # e.g. a lone surrogate in a value
@@ -255,12 +254,16 @@ class Composer:
                 head += (ONE_CLICK, "\r\n")
         # Only the addresses can be non-ASCII (SMTPUTF8); anything else is a bug caught here.
         header = self._from_date() + "".join(head).encode("utf-8" if p.utf8 else "ascii")
-        text, text_qp = body(p.text, single=p.html is None)
-        if p.html is None:
-            return b"".join((header, self._mime, self._plain[text_qp], text))
-        html, html_qp = body(p.html, single=False)
-        return b"".join((header, self._mime, self._delimiter, self._plain[text_qp], text,
-                         b"\r\n", self._delimiter, self._html_part[html_qp], html, self._close))
+        return header + self._serialise_bodies(p.text, p.html)
+
+    def _serialise_bodies(self, text: str, html: str | None) -> bytes:
+        """MIME-Version on: the parts' headers and bodies."""
+        data, text_qp = body(text, single=html is None)
+        if html is None:
+            return b"".join((self._mime, self._plain[text_qp], data))
+        html_data, html_qp = body(html, single=False)
+        return b"".join((self._mime, self._delimiter, self._plain[text_qp], data, b"\r\n",
+                         self._delimiter, self._html_part[html_qp], html_data, self._close))
 
     def compose(self, msg: Message) -> EmailMessage:
         """The message as an `EmailMessage`, parsed back from its wire bytes (what a receiver

@@ -89,7 +89,8 @@ def fill(env: Environment, source: str) -> Fill | None:
     for node in output.nodes:
         if isinstance(node, nodes.TemplateData):
             text += node.data
-        elif isinstance(node, nodes.Name) and node.ctx == "load":
+        elif isinstance(node, nodes.Name) and node.ctx == "load" and node.name != "self":
+            # (`self` is the template itself to Jinja2, never a context value)
             texts.append(text)
             names.append(node.name)
             text = ""

@@ -181,7 +181,8 @@ def test_a_fill_renders_what_jinja2_renders(texts: list[str], names: list[str],
 
 
 @pytest.mark.parametrize("source", ["{{ name|upper }}", "{% if name %}x{% endif %}", "{{ 'a' }}",
-                                    "{{ user.name }}", "{{ name }}{% for i in range(2) %}{% endfor %}"])
+                                    "{{ user.name }}", "{{ name }}{% for i in range(2) %}{% endfor %}",
+                                    "Hi {{ self }}"])
 def test_anything_but_text_and_bare_names_is_left_to_jinja2(source: str) -> None:
     assert fill(environment(False), source) is None
 

@@ -203,7 +203,7 @@ class Session:
         rset = self.needs_rset or (not caps.pipelining and self.lockstep_rset and self.sent > 0)
         group = (b"RSET\r\n" if rset else b"") + b"MAIL FROM:<%s>%s\r\nRCPT TO:<%s>\r\nDATA\r\n" % (
             env.sender.encode(), opts, env.recipient.encode())
-        body = env.payload or dot_stuffed(data)
+        body = dot_stuffed(data)
         self.sent += 1
         self.needs_rset = True  # until the data phase is reached
         if caps.pipelining:
