@@ -62,7 +62,7 @@ HEADER_UNSAFE_POLARS = "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in _U
 class Columns:
     """A batch's rows as read by whoever needs them: the filtered table, its template columns
     (`names`), its Message-IDs as Arrow, and `derived`, what a reader computed once for the
-    whole batch (the composer's prepared messages), by the reader's key. Template columns turn
+    whole batch (the composer's header blocks), by the reader's key. Template columns turn
     into Python values only when first read: the fake sender never reads them, and SMTP reads
     every one once."""
 
