@@ -29,7 +29,7 @@ from email import message_from_bytes, message_from_string
 from email import policy as email_policy
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from jinja2 import Template
@@ -137,8 +137,12 @@ class Composer:
         return compose_batch.Plan(campaign=self.campaign, subject=subject, unsubscribe=unsubscribe,
                                   globals_=frozenset().union(*map(set, self._globals.values())))
 
+    def builtins(self, msg: Message) -> dict[str, Any]:
+        """The names every template has besides the row's fields."""
+        return {"id": msg.id, "email": msg.to, "campaign": self.campaign}
+
     def context(self, msg: Message) -> dict[str, Any]:
-        return {"id": msg.id, "email": msg.to, "campaign": self.campaign, **msg.fields}
+        return {**self.builtins(msg), **msg.fields}
 
     def _render(self, template: Template, msg: Message, builtins: Mapping[str, Any],
                 what: str) -> str:
@@ -166,7 +170,7 @@ class Composer:
 
     def _parts(self, msg: Message, r: compose_batch.Rendered | None) -> _Parts:
         """The message's checked values; its templates rendered here unless `r` holds them."""
-        builtins = {"id": msg.id, "email": msg.to, "campaign": self.campaign}
+        builtins = self.builtins(msg)
         to_addr, to_utf8 = ascii_address(msg.to)
         check_length("To address", check_header("To", to_addr))
         raw_name = msg.fields.get("name")
@@ -229,22 +233,22 @@ class Composer:
         Raises ComposeError when this recipient's message cannot be built safely."""
         row = batch_row(msg.fields) if self._plan is not None else None
         got = None if row is None else self._prepared(*row)
-        if type(got) is bytes:  # the header block, To to List-Unsubscribe
-            builtins = {"id": msg.id, "email": msg.to, "campaign": self.campaign}
-            text, html = self._bodies(msg, builtins)
-            try:
-                data = self._from_date() + got + self._serialise_bodies(text, html)
-            except (ValueError, TypeError, UnicodeError) as exc:
-                raise ComposeError(f"message cannot be serialised: {exc}") from None
-            return Envelope(self.envelope_from, msg.to, data, False)
-        p = self._parts(msg, cast(compose_batch.Rendered | None, got))
+        if isinstance(got, bytes):  # the header block, To to List-Unsubscribe
+            text, html = self._bodies(msg, self.builtins(msg))
+            return Envelope(self.envelope_from, msg.to, self._wire(got, text, html), False)
+        p = self._parts(msg, got)
+        return Envelope(self.envelope_from, p.to_addr, self._wire(p, p.text, p.html), p.utf8)
+
+    def _wire(self, head: bytes | _Parts, text: str, html: str | None) -> bytes:
+        """From and Date, the header block (prepared, or written from `head`), the bodies."""
         try:
-            data = self._serialise(p)
+            block = head if isinstance(head, bytes) else self._header_block(head)
+            return self._from_date() + block + self._serialise_bodies(text, html)
         except (ValueError, TypeError, UnicodeError) as exc:  # e.g. a lone surrogate in a value
             raise ComposeError(f"message cannot be serialised: {exc}") from None
-        return Envelope(self.envelope_from, p.to_addr, data, p.utf8)
 
-    def _serialise(self, p: _Parts) -> bytes:
+    def _header_block(self, p: _Parts) -> bytes:
+        """To to List-Unsubscribe, the lines compose_batch writes for a plain row."""
         head = [mailbox("To", p.to_name, p.to_addr), "\r\n", subject_line(p.subject),
                 "\r\nMessage-ID: ", p.message_id, "\r\n"]
         if p.unsubscribe is not None:
@@ -253,8 +257,7 @@ class Composer:
             if p.unsubscribe.lower().startswith(("https:", "http:")):
                 head += (ONE_CLICK, "\r\n")
         # Only the addresses can be non-ASCII (SMTPUTF8); anything else is a bug caught here.
-        header = self._from_date() + "".join(head).encode("utf-8" if p.utf8 else "ascii")
-        return header + self._serialise_bodies(p.text, p.html)
+        return "".join(head).encode("utf-8" if p.utf8 else "ascii")
 
     def _serialise_bodies(self, text: str, html: str | None) -> bytes:
         """MIME-Version on: the parts' headers and bodies."""
