@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -65,7 +63,9 @@ def run_campaign(config: CampaignConfig, *,
     except UsageError:
         # Found by the load's tasks (a broken data page, repeated ids): nothing was sent or
         # recorded. A campaign this run created leaves nothing behind (its lease, Ray's log).
-        discard = fresh
+        # A later wave's unreadable file (load_stage.finish) is found once the waves before it
+        # were sent: the campaign stays, stopped, to be resumed once the file is fixed.
+        discard = fresh and not storage.exists(storage.join(p.run_dir, "campaign.json"))
         raise
     finally:
         lease.release()
@@ -78,7 +78,8 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
          started_at: float) -> report.Report:
     lost = threading.Event()
     lease.start_heartbeat(on_lost=lambda exc: lost.set())
-    log_file = _log_file(p) if hooks.before_ray and not config.verbose else None
+    log_file = (ray_session.log_file(p.run_dir, p.campaign, p.run_id)
+                if hooks.before_ray and not config.verbose else None)
     if log_file and hooks.before_ray:
         hooks.before_ray(log_file)
     from . import ledger_stage, load_stage
@@ -95,31 +96,38 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
                                      # Sized from the input's rows (the rows to send are known
                                      # only once the load has run): one block, one batch.
                                      block_rows=send_stage.batch_size_for(
-                                         send, sum(u.rows for u in units)))
+                                         send, sum(u.rows for u in units)),
+                                     wave_rows=config.wave_rows)
             if config.restart:  # only now that the input has loaded cleanly
                 ledger.reset(p.run_dir)
             storage.makedirs(p.run_dir)
             load_stage.write_settled(loaded, run_dir=p.run_dir, run_id=p.run_id, epoch=lease.epoch)
         summary = loaded.summary
         send = send_stage.pool_for(send, loaded.batches)  # no more actors than batches
-        manifest = {"campaign": p.campaign, "input": p.input, "input_rows": summary.input_rows,
-                    "to_send": summary.to_send, "already_done": summary.already_done,
+        # Of a load in waves: the whole input, and at most every row of the waves still loading.
+        manifest = {"campaign": p.campaign, "input": p.input, "input_rows": loaded.input_rows,
+                    "to_send": loaded.expected(), "already_done": summary.already_done,
                     "partitions": rules.partitions, "run_id": p.run_id,
                     "started_at": started_at, "finished_at": None, "state": "running"}
         _write_manifest(p.run_dir, manifest)
         if summary.already_done:
             hooks.info(f"resuming campaign {p.campaign}: {summary.already_done:,} recipients "
                        "already done are skipped")
-        hooks.info(f"{p.campaign}: sending {summary.to_send:,} of {summary.input_rows:,} rows · "
-                   f"{_shape(send, config.send.actors)} · {storage.shown(p.run_dir)}")
-
+        waves = (f" (first wave of {len(loaded.waves)}; {loaded.input_rows:,} rows in all)"
+                 if loaded.waves else "")
+        hooks.info(f"{p.campaign}: sending {summary.to_send:,} of {summary.input_rows:,} rows"
+                   f"{waves} · {_shape(send, config.send.actors)} · {storage.shown(p.run_dir)}")
         outcome = None
-        if summary.to_send:
+        if loaded.may_send:
             job = send_stage.SendJob(campaign=p.campaign, run_dir=p.run_dir, run_id=p.run_id,
                                      epoch=lease.epoch, send=send, fields=summary.fields)
             outcome = send_stage.send(loaded, job, config=config, hooks=hooks, stages=stages,
                                       lease=_LeaseView(lease, lost))
         lease_lost = lost.is_set() or (outcome is not None and outcome.lease_lost)
+        # Of a load in waves, the later waves' counts (and their settled rows, written).
+        summary, broken = load_stage.finish(loaded, wait=not (outcome and outcome.interrupted))
+        manifest |= {"input_rows": summary.input_rows, "to_send": summary.to_send,
+                     "already_done": summary.already_done}
         with stages.time("ledger"):
             # A run that lost its lease reads, never folds: the taker owns the ledger now.
             totals = ledger_stage.fold(p.run_dir, run_id=p.run_id, write=not lease_lost)
@@ -138,8 +146,11 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
                         "lease was lost or ran out); this run stopped sending and left the "
                         f"ledger to it (Ray's log: {rep.log_file})")
     report.write(rep)
-    state = "stopped" if rep.interrupted else "finished"
+    state = "stopped" if rep.interrupted or broken else "finished"
     _write_manifest(p.run_dir, manifest | {"state": state, "finished_at": time.time()})
+    if broken:
+        raise UsageError(f"{broken}; the rows before it were sent and recorded: fix the file and "
+                         "run the campaign again to send the rest")
     if rep.interrupted:
         raise CampaignInterrupted(f"campaign {p.campaign} stopped before the end", report=rep)
     return rep
@@ -231,17 +242,6 @@ def _shape(s: SendConfig, asked: int) -> str:
     fewer = f" (as many as batches; --actors {asked})" if s.actors < asked else ""
     what = f"{s.actors} actors{fewer} × {s.concurrency} {'threads' if s.mode == 'threads' else 'async'}"
     return what + (f" · fake {s.latency} s" if s.sender == "fake" else " · SMTP")
-
-
-def _log_file(p: Plan) -> str:
-    """Where Ray's own console output goes: the run directory, or for a run directory in
-    object storage, the local temporary directory."""
-    name = f"ray-{p.run_id}.log"
-    if storage.is_local(p.run_dir):
-        logs = os.path.join(storage.resolve(p.run_dir)[1], "logs")
-        os.makedirs(logs, exist_ok=True)
-        return os.path.join(logs, name)
-    return os.path.join(tempfile.gettempdir(), f"bulkmail-{p.campaign}-{name}")
 
 
 def _write_manifest(run_dir: str, manifest: dict[str, Any]) -> None:

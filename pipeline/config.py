@@ -200,6 +200,9 @@ class CampaignConfig:
     suppress: str | None = None
     restart: bool = False
     retry_failed: bool = False
+    # The load settles the list in waves of input rows in input order, each twice the one
+    # before, and sends each wave while the next one loads (load_stage.py); 0: in one wave.
+    wave_rows: int = 1_000_000
     address: str | None = None  # Ray address; None: RAY_ADDRESS or a local Ray
     num_cpus: int | None = None  # logical CPUs for a local Ray
     dashboard: bool = True
@@ -216,6 +219,8 @@ class CampaignConfig:
             check_campaign_name(self.campaign)
         if self.dry_run is not None and self.dry_run < 1:
             raise UsageError(f"--dry-run must be at least 1, got {self.dry_run}")
+        if self.wave_rows < 0:
+            raise UsageError(f"--wave-rows must not be negative, got {self.wave_rows}")
         if self.lease_ttl < 1:
             raise UsageError(f"--lease-ttl must be at least 1 second, got {self.lease_ttl}")
 

@@ -48,6 +48,9 @@ def build_parser(prog: str = "bulkmail") -> argparse.ArgumentParser:
                    help="start the campaign over: forget its ledger (everyone is sent again)")
     g.add_argument("--retry-failed", action="store_true",
                    help="on resume, try again the recipients that ended 'failed'")
+    g.add_argument("--wave-rows", type=int, default=1_000_000,
+                   help="rows of the first wave the load settles and sends while the rest of the "
+                   "list loads (each next wave twice as many); 0: the whole list before sending")
 
     g = p.add_argument_group("sending")
     g.add_argument("--actors", type=int, default=8, help="sender actors (processes)")
@@ -164,9 +167,9 @@ def config_from_args(a: argparse.Namespace) -> CampaignConfig:
     return CampaignConfig(
         input=a.input, campaign=a.campaign, runs_dir=a.runs_dir, data_dir=a.data_dir,
         default_rows=a.rows, suppress=a.suppress, restart=a.restart, retry_failed=a.retry_failed,
-        address=a.address, num_cpus=a.num_cpus, dashboard=not a.no_dashboard,
-        timeline=a.timeline, dry_run=a.dry_run, charts=not a.no_charts, verbose=a.verbose,
-        lease_ttl=a.lease_ttl, send=send)
+        wave_rows=a.wave_rows, address=a.address, num_cpus=a.num_cpus,
+        dashboard=not a.no_dashboard, timeline=a.timeline, dry_run=a.dry_run,
+        charts=not a.no_charts, verbose=a.verbose, lease_ttl=a.lease_ttl, send=send)
 
 
 def smtp_config(a: argparse.Namespace) -> SmtpConfig:

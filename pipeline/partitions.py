@@ -144,6 +144,17 @@ def null_ids(frame: pl.DataFrame) -> tuple[int, int | None]:
     return bad.height, (int(bad["_row"][0]) if bad.height else None)
 
 
+def id_block(frame: pl.DataFrame, *, first_row: int) -> pl.DataFrame:
+    """A block of the input's `id` and `email` columns only, as `validate` followed by
+    `id_keys` would give them, without the address rules: the id check of a load in several
+    waves reads every row's id before the first wave sends, and only these two columns."""
+    return frame.lazy().with_row_index("_row", offset=first_row).select(
+        pl.col("id").cast(pl.Int64, strict=False),
+        pl.col("_row").cast(pl.Int64),
+        addresses.normalise(addresses.trim(pl.col("email").cast(pl.String))).hash().alias("_h"),
+    ).collect()
+
+
 def id_keys(frame: pl.DataFrame) -> pl.DataFrame:
     """The columns the id check needs: id, row, and the dedupe key's hash (same address?)."""
     return frame.select("id", "_row", pl.col("_norm").hash().alias("_h"))
@@ -186,6 +197,7 @@ class Settled:
 
     to_send: pl.DataFrame  # id, email, template fields, _part, _row (in input order)
     settled: pl.DataFrame  # ledger rows: id, email, status, attempts, error, duplicate_of
+    keepers: pl.DataFrame  # _norm, id: this wave's kept row per address (for the waves after)
     input_rows: int = 0
     already_done: int = 0
     counts: dict[str, int] = field(default_factory=dict)  # invalid / duplicate / suppressed
@@ -198,13 +210,24 @@ class Settled:
 
 
 def settle(frames: Sequence[pl.DataFrame], *, fields: Sequence[str],
-           suppression: pl.Series | None = None, done: pl.Series | None = None) -> Settled:
-    """Settle one address partition: every validated row whose address falls in it, the
-    suppression keys of the partition, and the ids the ledger already finished (resume)."""
+           suppression: pl.Series | None = None, done: pl.Series | None = None,
+           earlier: Sequence[pl.DataFrame] = ()) -> Settled:
+    """Settle one address partition of one wave (load_stage.py): every validated row of the
+    wave whose address falls in it, the suppression keys of the partition, the ids the ledger
+    already finished (resume), and the rows kept by the earlier waves (`Settled.keepers` of
+    each: the waves come in input order, so an address kept there is a duplicate here)."""
     frame = pl.concat(list(frames), how="vertical_relaxed").sort("_row")
     valid = pl.col("_reason").is_null()
     first_of = (frame.filter(valid).group_by("_norm", maintain_order=True)
                 .agg(pl.col("id").first().alias("_dup_of")))
+    prior = [e for e in earlier if e.height]
+    if prior:
+        before = pl.concat(prior).rename({"id": "_before"})
+        first_of = first_of.join(before, on="_norm", how="left", maintain_order="left")
+        keepers = first_of.filter(pl.col("_before").is_null()).select("_norm", id="_dup_of")
+        first_of = first_of.select("_norm", pl.coalesce("_before", "_dup_of").alias("_dup_of"))
+    else:
+        keepers = first_of.select("_norm", id="_dup_of")
     frame = frame.join(first_of, on="_norm", how="left", maintain_order="left")
     is_dup = valid & (pl.col("_dup_of") != pl.col("id"))
     status = pl.when(~valid).then(pl.lit(INVALID)).when(is_dup).then(pl.lit(DUPLICATE))
@@ -227,12 +250,14 @@ def settle(frames: Sequence[pl.DataFrame], *, fields: Sequence[str],
         "id", "email", pl.col("_status").alias("status"), pl.lit(0, pl.Int32).alias("attempts"),
         pl.when(pl.col("_status") == INVALID).then(pl.col("_reason"))
         .when(pl.col("_status") == DUPLICATE)
-        .then(pl.format("duplicate of id {}", pl.col("_dup_of")))
+        # Not pl.format: polars 2.1 panics on it over a column of several chunks (a later
+        # wave's join with the keepers of several earlier waves gives one).
+        .then(pl.lit("duplicate of id ") + pl.col("_dup_of").cast(pl.String))
         .otherwise(pl.lit("address is on the suppression list")).alias("error"),
         pl.col("_dup_of").alias("duplicate_of"), PART, "_row",
     )
     to_send = frame.filter(pl.col("_status").is_null()).select("id", "email", *fields, PART, "_row")
-    return Settled(to_send=to_send, settled=settled, input_rows=input_rows,
+    return Settled(to_send=to_send, settled=settled, keepers=keepers, input_rows=input_rows,
                    already_done=already_done, counts=counts)
 
 

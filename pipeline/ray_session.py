@@ -11,10 +11,12 @@ import math
 import os
 import signal
 import socket
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from . import storage
 from .config import CampaignConfig, SendConfig
 from .errors import UsageError
 
@@ -215,3 +217,14 @@ def this_node() -> Any:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def log_file(run_dir: str, campaign: str, run_id: str) -> str:
+    """Where Ray's own console output goes: the run directory, or for a run directory in
+    object storage, the local temporary directory."""
+    name = f"ray-{run_id}.log"
+    if storage.is_local(run_dir):
+        logs = os.path.join(storage.resolve(run_dir)[1], "logs")
+        os.makedirs(logs, exist_ok=True)
+        return os.path.join(logs, name)
+    return os.path.join(tempfile.gettempdir(), f"bulkmail-{campaign}-{name}")

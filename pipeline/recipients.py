@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,11 +131,30 @@ def units(path: str) -> list[Unit]:
     return out
 
 
-def read_unit(unit: Unit) -> pl.DataFrame:
-    """One row group's rows (its user columns); a broken data page is a UsageError naming
-    the file."""
+def waves(units: Sequence[Unit], first: int) -> list[list[Unit]]:
+    """The input's row groups in order, cut into waves: the first of at least `first` rows,
+    each next one of at least twice the one before (20M rows: 1, 2, 4, 8, 5M); `first` 0:
+    one wave. Twice: the driver tracks a few waves, and each wave settles while the one before
+    it sends, which takes longer the more rows it has."""
+    if first <= 0:
+        return [list(units)]
+    out: list[list[Unit]] = [[]]
+    rows, target = 0, first
+    for unit in units:
+        if rows >= target:
+            out.append([])
+            rows, target = 0, target * 2
+        out[-1].append(unit)
+        rows += unit.rows
+    return out
+
+
+def read_unit(unit: Unit, columns: Sequence[str] | None = None) -> pl.DataFrame:
+    """One row group's rows (its user columns, or only `columns`); a broken data page is a
+    UsageError naming the file."""
     try:
-        table = _parquet_file(unit.file).read_row_group(unit.row_group)
+        table = _parquet_file(unit.file).read_row_group(
+            unit.row_group, columns=list(columns) if columns is not None else None)
         frame = pl.from_arrow(table)
     except (Exception, pl.exceptions.PanicException) as exc:  # noqa: BLE001 - arrow/polars errors
         raise UsageError(f"--input {unit.file}: cannot read the recipients "

@@ -15,7 +15,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -163,7 +163,6 @@ def send(loaded: Loaded, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
 
     from .actors import Coordinator, RateLimiter, SendBatches
     send_cfg = job.send
-    total = loaded.summary.to_send
     batch_size = loaded.block_rows  # the load cut the blocks to this (batch_size_for)
     calls = calls_per_actor(send_cfg, batch_size)
     valid_until = lease.valid_until if lease is not None else None
@@ -198,7 +197,7 @@ def send(loaded: Loaded, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
                                      send_cfg, batch_size=batch_size, calls=calls,
                                      constructor=constructor,
                                      runtime_env=storage.runtime_env(job.run_dir)))
-            follow = _Follow(out, total, coordinator, hooks, send_cfg, lease)
+            follow = _Follow(out, loaded.expected, coordinator, hooks, send_cfg, lease)
             totals, interrupted = follow.run()
             ray_stats = () if interrupted else tuple(_stats(out))
     finally:
@@ -230,8 +229,8 @@ class _Follow:
     stop lets the sends in flight finish (bounded by --stop-timeout), then leaves every batch
     not started for the resume instead of walking it through the actors."""
 
-    def __init__(self, out: Any, total: int, coordinator: Any, hooks: Hooks, send: SendConfig,
-                 lease: LeaseView | None) -> None:
+    def __init__(self, out: Any, total: Callable[[], int], coordinator: Any, hooks: Hooks,
+                 send: SendConfig, lease: LeaseView | None) -> None:
         self.out = out
         self.total = total
         self.coordinator = coordinator
@@ -318,7 +317,7 @@ class _Follow:
             history.popleft()
         t_old, done_old = history[0]
         rate = (done - done_old) / (now - t_old) if now > t_old else 0.0
-        return Progress(total=self.total, sent=c["sent"], failed=c["failed"],
+        return Progress(total=self.total(), sent=c["sent"], failed=c["failed"],
                         abandoned=c["abandoned"], retries=c["retries"], elapsed=now - t0,
                         rate=rate, stopping=stopping)
 

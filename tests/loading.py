@@ -29,6 +29,7 @@ def _fetch(refs: list, sizes: tuple[int, ...] | None = None) -> pl.DataFrame:
     import ray
     frames = [pl.from_arrow(ray.get(r)) for r, n in zip(refs, sizes or [1] * len(refs), strict=True)
               if n]
+    frames = [f for f in frames if f.width]  # a wave's partition without rows
     if not frames:
         return pl.DataFrame()
     return pl.concat(frames, how="vertical_relaxed").sort("_row")
@@ -38,7 +39,7 @@ def load(data: pl.DataFrame | pl.LazyFrame | str | Path, *,
          suppression: pl.DataFrame | None = None, header_fields: tuple[str, ...] = ("name",),
          source: str | None = None, parts: int = 3, row_group_size: int | None = None,
          resume_from: str | None = None, retry_failed: bool = False,
-         block_rows: int = 97) -> Loaded:
+         block_rows: int = 97, wave_rows: int = 0) -> Loaded:
     """Needs the session's Ray (the `ray_session` fixture)."""
     folder = None
     if isinstance(data, (pl.DataFrame, pl.LazyFrame)):
@@ -55,13 +56,21 @@ def load(data: pl.DataFrame | pl.LazyFrame | str | Path, *,
                                  header_fields=header_fields, partitions=parts)
         out = load_stage.load(recipients.units(path), rules=rules, source=source or path,
                               suppression=suppression, resume_from=resume_from,
-                              retry_failed=retry_failed, block_rows=block_rows)
+                              retry_failed=retry_failed, block_rows=block_rows,
+                              wave_rows=wave_rows)
+        if out.waves:  # the later waves read the file while the first one would send
+            s, error = load_stage.finish(out)
+            assert error is None, error
     finally:
         if folder is not None:  # the rows loaded are in Ray's object store by now
             shutil.rmtree(folder, ignore_errors=True)
-    s = out.summary
-    to_send = _fetch(out.to_send)
-    settled = _fetch(out.settled, s.settled_sizes)
+    if out.waves:  # every wave's rows, the whole load's counts
+        to_send = _fetch([r for w in out.waves for r in w.to_send])
+        settled = _fetch([r for w in out.waves for r in w.settled])
+    else:
+        s = out.summary
+        to_send = _fetch(out.to_send)
+        settled = _fetch(out.settled, s.settled_sizes)
     return Loaded(
         to_send=to_send.drop("_part", "_row") if to_send.width else
         pl.DataFrame(schema={"id": pl.Int64, "email": pl.String}),

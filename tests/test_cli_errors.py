@@ -163,3 +163,44 @@ def test_corrupt_pages_and_zero_rows_in_a_run(files: dict[str, Path], tmp_path: 
     rep = run_campaign(campaign(tmp_path, files["empty"], campaign="e"))
     assert rep.counts.input_rows == 0 and rep.counts.reconciled  # type: ignore[union-attr]
     assert json.loads((tmp_path / "runs" / "e" / "report.json").read_text())["counts"]["reconciled"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_later_wave_that_cannot_be_read_stops_the_run_after_the_waves_before_it(
+        tmp_path: Path) -> None:
+    """Waves of 250, 500 and 750 rows; the second holds a file whose data pages are broken (and
+    no id column, so no id check reads that file before the first wave sends). The first wave
+    is sent and recorded, the run ends with one line and code 2, the campaign stays, stopped;
+    once the file is fixed, the same command sends the rest, everyone exactly once."""
+    from .test_faults import send_log
+    from .test_recipients import _corrupt_pages
+    folder = tmp_path / "in"
+    folder.mkdir()
+    df = generate.generate(1500, seed=3).drop("id")
+    for name, rows in (("a", df[:500]), ("b", df[500:1000]), ("c", df[1000:])):
+        rows.write_parquet(folder / f"{name}.parquet", row_group_size=250)
+    good = (folder / "b.parquet").read_bytes()
+    _corrupt_pages(folder / "b.parquet")
+    log = tmp_path / "sends.log"
+    args = ("--input", str(folder), "--campaign", "c", "--wave-rows", "250", "--latency", "0.01",
+            "--actors", "2", "--threads-per-actor", "10", "--no-dashboard", "--no-charts",
+            "--send-log", str(log))
+    res = cli(*args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"bulkmail: error: --input {folder / 'b.parquet'}: cannot read "
+                               "the recipients"), lines[0]
+    assert "the rows before it were sent and recorded" in lines[0]
+    assert sorted(send_log(log).to_list()) == list(range(250))  # the first wave, once
+    manifest = json.loads((tmp_path / "runs" / "c" / "campaign.json").read_text())
+    assert manifest["state"] == "stopped" and manifest["input_rows"] == 250
+
+    (folder / "b.parquet").write_bytes(good)
+    res = cli(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    sends = send_log(log)
+    assert sorted(sends.to_list()) == list(range(1500))  # the rest, once
+    led = pl.read_parquet(tmp_path / "runs" / "c" / "ledger.parquet")
+    assert led.height == 1500 and (led["status"] == "sent").all()
+    assert json.loads((tmp_path / "runs" / "c" / "campaign.json").read_text())["state"] == "finished"

@@ -17,7 +17,7 @@ import polars as pl
 import psutil
 import pytest
 
-from pipeline import ledger
+from pipeline import generate, ledger
 from pipeline.campaign import run_campaign
 from pipeline.config import RetryPolicy
 from pipeline.sending.fake import fake_outcome
@@ -77,10 +77,14 @@ def common_args(log: Path, *extra: str) -> list[str]:
             "--send-log", str(log), "--progress-every", "1", *extra]
 
 
+WAVES = ["--wave-rows", "500"]  # with row groups of 250 rows: waves of 500, 1,000 and 1,500
+
+
 def launch(tmp_path: Path, rows: int, *extra: str, actors: int = 2, threads: int = 10,
            latency: float = 0.05) -> tuple[subprocess.Popen[str], Path, list[str]]:
-    """Start a CLI run over `rows` generated recipients; returns (process, send log, args)."""
-    write_recipients(tmp_path / "in.parquet", rows)
+    """Start a CLI run over `rows` generated recipients (in row groups of 250); returns
+    (process, send log, args)."""
+    generate.generate(rows).write_parquet(tmp_path / "in.parquet", row_group_size=250)
     log = tmp_path / "sends.log"
     args = common_args(log, "--actors", str(actors), "--threads-per-actor", str(threads),
                        "--latency", str(latency), *extra)
@@ -96,9 +100,10 @@ def assert_exactly_once(tmp_path: Path, rows: int) -> pl.DataFrame:
 
 
 @pytest.mark.slow
-def test_driver_sigkill_then_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("waves", [[], WAVES], ids=["one-wave", "waves"])
+def test_driver_sigkill_then_resume(tmp_path: Path, waves: list[str]) -> None:
     rows, actors, threads, latency = 3000, 2, 10, 0.05
-    proc, log, args = launch(tmp_path, rows, "--batch-size", "200")
+    proc, log, args = launch(tmp_path, rows, "--batch-size", "200", *waves)
     wait_for_sends(log, rows // 2, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -145,9 +150,10 @@ def test_sender_actor_sigkill_run_completes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("waves", [[], WAVES], ids=["one-wave", "waves"])
+def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path, waves: list[str]) -> None:
     rows = 3000
-    proc, log, args = launch(tmp_path, rows)
+    proc, log, args = launch(tmp_path, rows, *waves)
     wait_for_sends(log, 400, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=90)

@@ -12,12 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import generate, partitions, recipients
+from pipeline import generate, load_dataset, partitions, recipients
 from pipeline.campaign import run_campaign
 
 from . import reference_load
 from .conftest import campaign, read_ledger
 from .loading import load
+from .test_recipients import _corrupt_pages
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -42,12 +43,20 @@ def _suppression(df: pl.DataFrame, every: int) -> pl.DataFrame:
             .unique())
 
 
-@pytest.mark.parametrize(("parts", "row_group"), [(1, 10_000), (13, 333)])
-def test_dirty_file_fates_match_the_plain_computation(parts: int, row_group: int) -> None:
+@pytest.mark.parametrize(("parts", "row_group", "wave_rows"),
+                         [(1, 10_000, 0), (13, 333, 0), (13, 333, 500), (1, 250, 250)])
+def test_dirty_file_fates_match_the_plain_computation(parts: int, row_group: int,
+                                                      wave_rows: int) -> None:
+    """In one wave or several (of 666, 1,332 and 1,002 rows; of 250, 500, 1,000 and 1,250): a
+    later wave's row of an address an earlier wave kept is its duplicate."""
     df = _dirty(3000, seed=5)
     keys = _suppression(df, 40)
     want = reference_load.fates(df, suppression=keys).sort("id")
-    got = _distributed_fates(load(df, suppression=keys, parts=parts, row_group_size=row_group))
+    loaded = load(df, suppression=keys, parts=parts, row_group_size=row_group,
+                  wave_rows=wave_rows)
+    assert loaded.stage is not None and len(loaded.stage.waves) == (
+        {500: 3, 250: 4}[wave_rows] if wave_rows else 0)
+    got = _distributed_fates(loaded)
     assert got.rows() == want.rows()
     assert want["status"].value_counts().height == 4  # invalid, duplicate, suppressed, to send
 
@@ -104,14 +113,18 @@ def _lists(draw: st.DrawFn) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=_lists(), parts=st.integers(1, 9), groups=st.integers(1, 5))
+@given(data=_lists(), parts=st.integers(1, 9), groups=st.integers(1, 5),
+       wave_rows=st.sampled_from([0, 1, 30]))
 def test_random_lists_match_the_plain_computation(data: tuple[pl.DataFrame, pl.DataFrame],
-                                                  parts: int, groups: int) -> None:
+                                                  parts: int, groups: int,
+                                                  wave_rows: int) -> None:
     """Planted duplicates differ in case and whitespace; suppressed addresses are picked from the
-    list; ids are shuffled and negative; any number of partitions and row groups."""
+    list; ids are shuffled and negative; any number of partitions and row groups, in one wave
+    or in several."""
     frame, keys = data
     got = _distributed_fates(load(frame, suppression=keys, parts=parts,
-                                  row_group_size=max(1, frame.height // groups)))
+                                  row_group_size=max(1, frame.height // groups),
+                                  wave_rows=wave_rows))
     assert got.rows() == reference_load.fates(frame, suppression=keys).sort("id").rows()
 
 
@@ -132,6 +145,33 @@ def test_units_are_row_groups_numbered_across_files(tmp_path: Path) -> None:
     assert [(Path(u.file).name, u.row_group, u.first_row, u.rows) for u in units] == [
         ("a.parquet", 0, 0, 100), ("a.parquet", 1, 100, 100), ("a.parquet", 2, 200, 50),
         ("b.parquet", 0, 250, 40)]
+
+
+def test_waves_are_row_groups_in_order_each_twice_the_one_before(tmp_path: Path) -> None:
+    path = tmp_path / "in.parquet"
+    generate.generate(1000, seed=1).write_parquet(path, row_group_size=100)
+    units = recipients.units(str(path))
+    sizes = [sum(u.rows for u in w) for w in recipients.waves(units, 150)]
+    assert sizes == [200, 300, 500]  # at least 150, then 300, then the rest
+    assert [u for w in recipients.waves(units, 150) for u in w] == units
+    assert recipients.waves(units, 0) == [units] == recipients.waves(units, 1000)
+    assert recipients.waves([], 150) == [[]]
+
+
+def test_ids_repeated_across_waves_stop_the_load_before_a_wave_settles() -> None:
+    """The ids of every wave are checked before the first one sends: a repeat in the last wave
+    of the first wave's id is the same one-line error as in one wave."""
+    from pipeline.errors import UsageError
+    df = generate.generate(900, seed=4)
+    df = df.with_columns(pl.when(pl.col("id") == 850).then(3).otherwise(pl.col("id")).alias("id"))
+    for wave_rows in (0, 100):
+        with pytest.raises(UsageError, match=r"column 'id' repeats \(1 ids; e\.g\. id 3 on rows 3 "
+                           r"and 850, with different addresses\)"):
+            load(df, row_group_size=100, wave_rows=wave_rows)
+    nulls = df.with_columns(pl.when(pl.col("id") == 700).then(None).otherwise(pl.col("id"))
+                            .alias("id"))
+    with pytest.raises(UsageError, match=r"1 empty or out-of-range values \(first at row 700\)"):
+        load(nulls, row_group_size=100, wave_rows=100)
 
 
 def test_rows_to_send_come_in_blocks_of_a_batch() -> None:
@@ -155,7 +195,6 @@ def test_the_dataset_of_the_blocks_is_the_one_ray_data_builds_from_them(
     # sizes and bytes.
     import ray
 
-    from pipeline import load_stage
     out = load(_dirty(2000, seed=3), parts=3, block_rows=150).stage
     assert out is not None
     theirs = ray.data.from_arrow_refs(out.to_send)
@@ -173,7 +212,42 @@ def test_the_dataset_of_the_blocks_is_the_one_ray_data_builds_from_them(
     assert (sorted(ours.take_all(), key=lambda r: r["id"])
             == sorted(theirs.take_all(), key=lambda r: r["id"]))
     with pytest.raises(RuntimeError, match="described"):  # a description that does not match
-        load_stage.dataset_of(out.to_send, out.blocks[:1])
+        load_dataset.dataset_of(out.to_send, out.blocks[:1])
+
+
+def test_the_dataset_of_waves_reads_each_wave_in_blocks_and_nothing_of_a_broken_one(
+        tmp_path: Path) -> None:
+    """Every row to send of every wave; a wave whose file cannot be read gives no rows, nor do
+    the waves after it, and `finish` names the file."""
+    from pipeline import load_stage
+    from pipeline.errors import UsageError
+    df = _dirty(2000, seed=6).drop("id")
+    out = load(df, parts=3, row_group_size=200, block_rows=90, wave_rows=300).stage
+    assert out is not None and len(out.waves) == 3
+    rows = out.dataset().take_all()
+    summary, error = load_stage.finish(out)
+    assert error is None and len(rows) == summary.to_send > out.summary.to_send
+    assert sorted(r["id"] for r in rows) == (  # without an id column, ids are row numbers
+        reference_load.fates(df).filter(pl.col("status").is_null())["id"].to_list())
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    df[:600].write_parquet(folder / "a.parquet", row_group_size=300)
+    df[600:1200].write_parquet(folder / "b.parquet", row_group_size=300)
+    df[1200:].write_parquet(folder / "c.parquet", row_group_size=300)
+    _corrupt_pages(folder / "b.parquet")
+    rules = partitions.Rules(schema=partitions.user_schema(df.schema), partitions=2)
+    broken = load_stage.load(recipients.units(str(folder)), rules=rules, source=str(folder),
+                             suppression=None, resume_from=None, block_rows=90, wave_rows=300)
+    assert [w.rows for w in broken.waves] == [300, 600, 1100]
+    sent = broken.dataset().take_all()
+    assert {r["_row"] for r in sent} <= set(range(300)) and len(sent) == broken.summary.to_send
+    summary, error = load_stage.finish(broken)
+    assert summary.input_rows == 300 and error is not None
+    assert error.startswith(f"--input {folder / 'b.parquet'}: cannot read the recipients")
+    with pytest.raises(UsageError):  # and in one wave, before anything is settled
+        load_stage.load(recipients.units(str(folder)), rules=rules, source=str(folder),
+                        suppression=None, resume_from=None, block_rows=90)
 
 
 def test_partitions_grow_with_the_list_but_stay_few() -> None:
