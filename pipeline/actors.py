@@ -113,6 +113,19 @@ class Coordinator:
         self._stopping = True
         self._pool_up.set()  # actors waiting for the pool go on, and find the run stopping
 
+    async def pool_up(self, bound: float) -> None:
+        """Return once every sender actor is up, or a stop was asked, or after `bound` seconds:
+        the gate of a load's later waves (load_waves.py). It reads no deadline: asked as the
+        coordinator starts, before the lease's first renewal reaches it, is_stopping could
+        find the first deadline passed and stop a run that is still renewing (seen in the
+        suite with --lease-ttl 1)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._pool_up.wait(), bound)
+
+    def stop_asked(self) -> bool:
+        """Whether a stop was asked or seen, without judging the deadline (see pool_up)."""
+        return self._stopping
+
     def is_stopping(self) -> bool:
         if not self._stopping and self._valid_until is not None and time.time() > self._valid_until:
             self._stopping = True  # the driver stopped renewing: a taker may already be sending

@@ -89,15 +89,15 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
     background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="report")  # no thread yet
     with _ray(config, send, hooks, stages):
         with stages.time("load"):
-            loaded = load_stage.load(units, rules=rules, source=p.input,
-                                     suppression=p.suppression,
+            loaded = load_stage.load(units, rules=rules, source=p.input, suppression=p.suppression,
                                      resume_from=None if config.restart else p.run_dir,
                                      retry_failed=config.retry_failed,
                                      # Sized from the input's rows (the rows to send are known
                                      # only once the load has run): one block, one batch.
                                      block_rows=send_stage.batch_size_for(
                                          send, sum(u.rows for u in units)),
-                                     wave_rows=config.wave_rows)
+                                     wave_rows=config.wave_rows,
+                                     reserved_cpus=send.actors * send.cpus_per_actor)
             if config.restart:  # only now that the input has loaded cleanly
                 ledger.reset(p.run_dir)
             storage.makedirs(p.run_dir)
@@ -113,8 +113,8 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
         if summary.already_done:
             hooks.info(f"resuming campaign {p.campaign}: {summary.already_done:,} recipients "
                        "already done are skipped")
-        waves = (f" (first wave of {len(loaded.waves)}; {loaded.input_rows:,} rows in all)"
-                 if loaded.waves else "")
+        waves = (f" (first wave of {loaded.wave_count}; {loaded.input_rows:,} rows in all)"
+                 if loaded.later else "")
         hooks.info(f"{p.campaign}: sending {summary.to_send:,} of {summary.input_rows:,} rows"
                    f"{waves} · {_shape(send, config.send.actors)} · {storage.shown(p.run_dir)}")
         outcome = None
@@ -125,9 +125,9 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
                                       lease=_LeaseView(lease, lost))
         lease_lost = lost.is_set() or (outcome is not None and outcome.lease_lost)
         # Of a load in waves, the later waves' counts (and their settled rows, written).
-        summary, broken = load_stage.finish(loaded, wait=not (outcome and outcome.interrupted))
-        manifest |= {"input_rows": summary.input_rows, "to_send": summary.to_send,
-                     "already_done": summary.already_done}
+        summary, broken = load_stage.finish(
+            loaded, wait=not (lease_lost or (outcome and outcome.interrupted)))
+        manifest |= {"to_send": summary.to_send, "already_done": summary.already_done}
         with stages.time("ledger"):
             # A run that lost its lease reads, never folds: the taker owns the ledger now.
             totals = ledger_stage.fold(p.run_dir, run_id=p.run_id, write=not lease_lost)
@@ -148,7 +148,7 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
     report.write(rep)
     state = "stopped" if rep.interrupted or broken else "finished"
     _write_manifest(p.run_dir, manifest | {"state": state, "finished_at": time.time()})
-    if broken:
+    if broken and not rep.interrupted:
         raise UsageError(f"{broken}; the rows before it were sent and recorded: fix the file and "
                          "run the campaign again to send the rest")
     if rep.interrupted:

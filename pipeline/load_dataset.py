@@ -23,6 +23,7 @@ import ray
 # on 2 cores, and more would each hold a worker process while it waits for its wave.
 READ_TASKS_IN_FLIGHT = 2
 READ_TASK_CPUS = 0.1  # the senders may hold every CPU but one (ray_session.start)
+WAIT_POLL = 0.5  # seconds between a waiting read task's looks at the stop flag
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,19 +63,27 @@ def dataset_of(refs: list[Any], blocks: Sequence[Blocks]) -> Any:
 @dataclass(frozen=True, kw_only=True)
 class Pending:
     """One partition of one wave, not necessarily settled yet: `ok` (a Ray object: True when
-    this wave and every one before it loaded cleanly), its rows to send (a Ray object: an
-    Arrow table), and about how many bytes they take (for Ray Data's memory budget)."""
+    this wave and every one before it read cleanly), its rows to send (a Ray object: an Arrow
+    table), about how many bytes they take (for Ray Data's memory budget), and the run's
+    coordinator (actors.Coordinator), asked while waiting whether the run is stopping."""
 
     ok: Any
     rows: Any
     size_bytes: int
+    stop: Any = None
 
 
-def _read(ok: Any, rows: Any) -> Iterator[pa.Table]:
+def _read(part: Pending) -> Iterator[pa.Table]:
     # One table, not slices of a batch: Ray Data joins what a read task yields into blocks of
     # up to 128 MB anyway, and map_batches cuts the batches from them.
-    if ray.get(ok):  # else a broken wave, or one after it: none of it is sent (finish)
-        yield ray.get(rows)
+    try:
+        while len(ray.wait([part.ok, part.rows], num_returns=2, timeout=WAIT_POLL)[0]) < 2:
+            if part.stop is not None and ray.get(part.stop.stop_asked.remote()):
+                return  # a stop: the send stage ends without waiting for this wave
+        if ray.get(part.ok):  # else a broken wave, or one after it: none of it is sent
+            yield ray.get(part.rows)
+    except Exception:  # noqa: BLE001 - a wave's task failed for good: load_waves.finish says so
+        return
 
 
 def dataset_of_waves(parts: Sequence[Pending]) -> Any:
@@ -92,7 +101,7 @@ def dataset_of_waves(parts: Sequence[Pending]) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
             # In wave order: Ray Data starts read tasks in the order given.
-            return [ReadTask(functools.partial(_read, p.ok, p.rows),
+            return [ReadTask(functools.partial(_read, p),
                              BlockMetadata(num_rows=None, size_bytes=p.size_bytes,
                                            input_files=None, exec_stats=None))
                     for p in parts]

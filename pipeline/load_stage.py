@@ -6,7 +6,11 @@ resumed by Ray tasks, so that the list never lands on the driver.
                ──► rows to send (Ray objects, the send stage's Dataset), ledger rows settled
                    at load (written once the whole input has passed), counts
 
-The rules are `partitions.py`'s; this module only places them on the cluster. The driver holds
+A list of more than `wave_rows` rows loads in waves of row groups in input order, each twice
+the one before (recipients.waves): the ids of every row are checked, the first wave settles as
+above and sends; the later ones settle meanwhile (load_waves.py), and `finish` collects them.
+
+The rules are `partitions.py`'s, the tasks `load_tasks.py`'s; this module places them. The driver holds
 object references and counts: memory in proportion to blocks × partitions, not rows.
 
 Why tasks and not Ray Data's `repartition(keys=...)`/`groupby().map_groups()`: on this
@@ -16,181 +20,55 @@ machine Ray Data's hash shuffle took 13.6 s for 1M rows and a second one 5.9 s
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import ray
 
-from . import ledger, partitions, recipients, storage
+from . import load_tasks, partitions, recipients, storage
 from .errors import UsageError
-from .load_dataset import Blocks, Pending
+from .load_dataset import READ_TASK_CPUS, READ_TASKS_IN_FLIGHT, Blocks
+from .load_tasks import MapResult
+from .load_waves import LATER_WAVE_CPUS, Later, Wave, Writer
 from .partitions import IdCheck, LoadSummary, PartitionCounts, Rules
 
-ROWS_PER_MAP_TASK = 1_000_000  # rows one map task reads and cuts (a few hundred MB at most)
-
-
-def _frame(table: pa.Table) -> pl.DataFrame:
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
-
-
-@dataclass(frozen=True, kw_only=True)
-class MapResult:
-    rows: int = 0
-    null_ids: int = 0
-    first_null_row: int | None = None
-    error: str | None = None  # a file that cannot be read, as one line
-
-
-@ray.remote(max_retries=3)
-def _map(units: Sequence[recipients.Unit], rules: Rules, ids: bool, *after: Any) -> tuple[Any, ...]:
-    """Read row groups, validate them, and cut them by address partition (full rows) and, with
-    `ids`, by id partition (id, row, address hash); the last return value is a MapResult.
-    `after`: Ray objects this task waits for (a wave's maps start once the wave before it has
-    settled), unused."""
-    p = rules.partitions
-    empty = (pa.table({}),) * (2 * p if ids else p)
-    frames = []
-    for unit in units:
-        try:
-            frame = recipients.read_unit(unit)
-        except UsageError as exc:
-            return (*empty, MapResult(error=str(exc)))
-        frames.append(partitions.validate(frame, rules=rules, first_row=unit.first_row))
-    if not frames:  # an input without rows
-        frames.append(partitions.validate(pl.DataFrame(schema=rules.schema), rules=rules,
-                                          first_row=0))
-    block = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
-    nulls, first_null = partitions.null_ids(block)
-    by_address = [f.to_arrow() for f in partitions.split(block, p)]
-    by_id = _by_id(partitions.id_keys(block.filter(pl.col("id").is_not_null())), p) if ids else []
-    return (*by_address, *by_id,
-            MapResult(rows=block.height, null_ids=nulls, first_null_row=first_null))
-
-
-def _by_id(keys: pl.DataFrame, p: int) -> list[pa.Table]:
-    keyed = keys.with_columns(((pl.col("id") % p + p) % p).cast(pl.Int32).alias(partitions.PART))
-    return [f.drop(partitions.PART).to_arrow() for f in partitions.split(keyed, p)]
-
-
-@ray.remote(max_retries=3)
-def _map_ids(units: Sequence[recipients.Unit], p: int) -> tuple[Any, ...]:
-    """The id check's map for a load in waves: only the `id` and `email` columns of every row,
-    read before the first wave sends, cut by id partition; the last return value a MapResult."""
-    frames = []
-    for unit in units:
-        try:
-            frames.append(partitions.id_block(recipients.read_unit(unit, ["id", "email"]),
-                                              first_row=unit.first_row))
-        except UsageError as exc:
-            return (*(pa.table({}),) * p, MapResult(error=str(exc)))
-    block = pl.concat(frames) if frames else pl.DataFrame(
-        schema={"id": pl.Int64, "_row": pl.Int64, "_h": pl.UInt64})
-    nulls, first_null = partitions.null_ids(block)
-    return (*_by_id(block.filter(pl.col("id").is_not_null()), p),
-            MapResult(rows=block.height, null_ids=nulls, first_null_row=first_null))
-
-
-@ray.remote(num_returns="streaming", max_retries=3)
-def _settle(part: int, rules: Rules, suppression: pl.Series | None, resume_from: str | None,
-            retry_failed: bool, block_rows: int, *pieces: pa.Table) -> Iterator[Any]:
-    """One address partition: dedupe, suppression and, reading only this partition's ledger,
-    the resume. Yields its PartitionCounts, its settled ledger rows, the Blocks (shapes) of its
-    rows to send, then those rows in blocks of `block_rows` (the send stage's batch: one block
-    goes to one actor at a time)."""
-    frames = [_frame(t) for t in pieces if t.num_rows]
-    if not frames:
-        yield PartitionCounts()
-        yield pa.table({})
-        yield Blocks(schema=pa.schema([]), shapes=())
-        return
-    done = (ledger.done_ids(resume_from, part, retry_failed=retry_failed)
-            if resume_from is not None else None)
-    out = partitions.settle(frames, fields=rules.fields, suppression=suppression, done=done)
-    yield out.summary
-    yield out.settled.to_arrow()
-    table = out.to_send.to_arrow()
-    blocks = [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)]
-    yield Blocks(schema=table.schema, shapes=tuple((b.num_rows, b.nbytes) for b in blocks))
-    # A loop, not `yield from blocks`: Ray drives the generator with send(), which a list's
-    # iterator lacks. Ray serialises only each slice's rows.
-    for block in blocks:  # noqa: UP028
-        yield block
-
-
-@ray.remote(num_returns=4, max_retries=3)
-def _settle_wave(part: int, rules: Rules, suppression: pl.Series | None, resume_from: str | None,
-                 retry_failed: bool, maps: int, *pieces: pa.Table) -> tuple[Any, ...]:
-    """One address partition of one wave of a load in waves: `pieces` holds the wave's `maps`
-    pieces of this partition, then the keepers of each earlier wave. Returns its
-    PartitionCounts, settled ledger rows, keepers (for the waves after) and rows to send."""
-    frames = [_frame(t) for t in pieces[:maps] if t.num_rows]
-    if not frames:
-        return PartitionCounts(), pa.table({}), pa.table({}), pa.table({})
-    done = (ledger.done_ids(resume_from, part, retry_failed=retry_failed)
-            if resume_from is not None else None)
-    out = partitions.settle(frames, fields=rules.fields, suppression=suppression, done=done,
-                            earlier=[_frame(t) for t in pieces[maps:] if t.num_rows])
-    return out.summary, out.settled.to_arrow(), out.keepers.to_arrow(), out.to_send.to_arrow()
-
-
-@ray.remote(num_cpus=0)
-def _wave_ok(before: bool, *results: MapResult) -> bool:
-    return before and not any(r.error for r in results)
-
-
-@ray.remote(max_retries=3)
-def _check_ids(*pieces: pa.Table) -> IdCheck:
-    return partitions.check_ids([_frame(t) for t in pieces if t.num_rows])
-
-
-@ray.remote(max_retries=3)
-def _write_settled(run_dir: str, table: pa.Table, run_id: str, epoch: int, name: str,
-                   ok: bool = True) -> int:
-    if table.num_rows == 0 or not ok:  # not ok: a broken wave, or one after it (finish)
-        return 0
-    frame = _frame(table).with_columns(run=pl.lit(run_id), epoch=pl.lit(epoch, pl.Int64))
-    ledger.write_frame(run_dir, frame, name=name)
-    return int(table.num_rows)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Wave:
-    """One wave of a load in waves, as Ray objects: its tasks run while earlier waves send."""
-
-    rows: int  # input rows
-    ok: Any  # True once this wave and every one before it loaded cleanly
-    results: list[Any]  # the MapResults of its maps
-    counts: list[Any]  # PartitionCounts, per partition
-    settled: list[Any]  # ledger rows settled at load, per partition
-    to_send: list[Any]  # rows to send, one table per partition
+FINISH_TIMEOUT = 30.0  # seconds a stopped run waits for a settled wave's rows to be written
+# A later wave's map or settle task, and the send stage's read tasks beside it.
+_LATER_NEEDS = LATER_WAVE_CPUS + READ_TASKS_IN_FLIGHT * READ_TASK_CPUS
 
 
 @dataclass(frozen=True, kw_only=True)
 class Loaded:
     """The load's outcome on the cluster: counts on the driver, rows in Ray's object store.
-    A load in several waves (`waves`) has settled its first wave; the others follow."""
+    A load in several waves (`later`) has settled its first wave; the others follow."""
 
     summary: LoadSummary  # of the first wave, in a load in waves
     to_send: list[Any]  # ObjectRefs of Arrow tables: blocks of at most `block_rows` rows
     settled: list[Any]  # ObjectRefs of the ledger rows settled at load, one per partition
     block_rows: int
     blocks: list[Blocks]  # per partition, in order: what `dataset` tells Ray Data of to_send
-    waves: tuple[Wave, ...] = ()  # a load in waves: all of them, the first one too
+    later: Later | None = None  # a load in waves: the waves after the first
     input_rows: int = 0  # of the whole input
-    writes: list[Any] = field(default_factory=list)  # the later waves' settled rows being written
-    _settled: dict[int, int] = field(default_factory=dict)  # wave: rows to send, once known
+
+    @property
+    def wave_count(self) -> int:
+        return 1 + (len(self.later.planned) if self.later else 0)
+
+    @property
+    def waves(self) -> list[Wave]:
+        """Every wave of a load in waves (their tasks submitted, if not yet), else none."""
+        return [self.later.first, *self.later.submit()] if self.later else []
 
     @property
     def batches(self) -> int:
         """How many batches the send stage hands out at most: Ray Data joins small blocks (each
         partition's last one) until a batch holds `block_rows`."""
-        if self.waves:
+        if self.later:
             return math.ceil(self.input_rows / max(1, self.block_rows))
         if self.block_rows < 1:
             return len(self.to_send)
@@ -198,36 +76,23 @@ class Loaded:
 
     @property
     def may_send(self) -> bool:
-        return self.summary.to_send > 0 or len(self.waves) > 1
+        return self.summary.to_send > 0 or self.later is not None
 
     def expected(self) -> int:
         """Rows to send: those of the waves settled so far, and at most every input row of the
         others (for progress; never waits)."""
-        if not self.waves:
-            return self.summary.to_send
-        for w, wave in enumerate(self.waves):
-            if w not in self._settled:
-                ready, _ = ray.wait(wave.counts, num_returns=len(wave.counts), timeout=0)
-                if len(ready) == len(wave.counts):
-                    self._settled[w] = sum(c.to_send for c in ray.get(wave.counts))
-        return sum(self._settled.get(w, wave.rows) for w, wave in enumerate(self.waves))
+        return self.later.expected(self.summary.to_send) if self.later else self.summary.to_send
 
-    def dataset(self) -> Any:
+    def dataset(self, coordinator: Any = None, gate: Sequence[Any] = ()) -> Any:
         """The rows to send as a Ray Dataset: of the blocks the partitions' tasks cut, or in a
-        load in waves, read from each wave's partitions once they have settled."""
+        load in waves, read from each wave's partitions once they have settled. Submits the
+        later waves' tasks, the first of them waiting for `gate` (the sender pool up); a read
+        that waits stops waiting once `coordinator` says the run is stopping."""
         from . import load_dataset
-        if not self.waves:
+        if not self.later:
             return load_dataset.dataset_of(self.to_send, self.blocks)
-        parts = [Pending(ok=w.ok, rows=r, size_bytes=w.rows * 100 // len(w.to_send))
-                 for w in self.waves for r in w.to_send]
-        return load_dataset.dataset_of_waves(parts)
-
-
-def _chunks(units: Sequence[recipients.Unit]) -> list[list[recipients.Unit]]:
-    """The units of one load (or wave) dealt to its map tasks."""
-    rows = sum(u.rows for u in units)
-    tasks = max(1, min(len(units), max(_cpus(), math.ceil(rows / ROWS_PER_MAP_TASK))))
-    return [list(units[i::tasks]) for i in range(tasks)]
+        self.later.submit(gate)
+        return load_dataset.dataset_of_waves(self.later.pending(coordinator))
 
 
 def _raise_for(results: Sequence[MapResult], check: IdCheck, where: str) -> None:
@@ -251,28 +116,30 @@ def _raise_for(results: Sequence[MapResult], check: IdCheck, where: str) -> None
 
 def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
          suppression: pl.DataFrame | None, resume_from: str | None,
-         block_rows: int, retry_failed: bool = False, wave_rows: int = 0) -> Loaded:
+         block_rows: int, retry_failed: bool = False, wave_rows: int = 0,
+         reserved_cpus: float = 0.0) -> Loaded:
     """Settle every input row's fate on the cluster, in waves of `wave_rows` rows and more
-    (recipients.waves; 0: in one). Raises UsageError (one line naming the file or column) when a file
-    cannot be read or the ids are unusable; nothing is written then, and nothing has been sent.
-    Of a load in waves, only the first wave is settled on return, and the ids were checked over
-    the whole input; a later wave's unreadable file is found by `finish`."""
+    (recipients.waves; 0: in one). Raises UsageError (one line naming the file or column) when
+    a file cannot be read or the ids are unusable; nothing is written then, and nothing has
+    been sent. Of a load in waves only the first wave is settled on return (the ids were
+    checked over the whole input); a later wave's unreadable file is found by `finish`.
+    `reserved_cpus`: what the sender actors will hold; a cluster that would leave the later
+    waves' tasks too little of its CPUs loads in one wave (they would never run)."""
     waves = recipients.waves(units, wave_rows)
-    if len(waves) > 1:
+    if len(waves) > 1 and _spare_cpus(reserved_cpus) >= _LATER_NEEDS:
         return _load_waves(waves, rules=rules, source=source, suppression=suppression,
                            resume_from=resume_from, block_rows=block_rows,
                            retry_failed=retry_failed)
     p = rules.partitions
-    env = storage.runtime_env(source, resume_from)
-    opts: dict[str, Any] = {"runtime_env": env} if env else {}
-    maps: list[Any] = [_map.options(num_returns=2 * p + 1, **opts).remote(chunk, rules, True)
-                       for chunk in _chunks(units)]
-    id_checks = ([_check_ids.remote(*[m[p + q] for m in maps]) for q in range(p)]
+    opts = _options(source, resume_from)
+    maps: list[Any] = [load_tasks.map_rows.options(num_returns=2 * p + 1, **opts).remote(
+        chunk, rules, True) for chunk in load_tasks.chunks(units)]
+    id_checks = ([load_tasks.check_ids.remote(*[m[p + q] for m in maps]) for q in range(p)]
                  if rules.has_id else [])
     keys = partitions.split_suppression(suppression, p)
-    streams = [_settle.options(**opts).remote(k, rules, keys[k], resume_from, retry_failed,
-                                              block_rows, *[m[k] for m in maps])
-               for k in range(p)]
+    streams = [load_tasks.settle.options(**opts).remote(
+        k, rules, keys[k], resume_from, retry_failed, block_rows, *[m[k] for m in maps])
+        for k in range(p)]
     _raise_for(ray.get([m[-1] for m in maps]), partitions.merge_id_checks(ray.get(id_checks)),
                f"--input {source}")
     # Each stream: counts, settled rows, the Blocks, then the blocks to send.
@@ -287,84 +154,67 @@ def load(units: Sequence[recipients.Unit], *, rules: Rules, source: str,
 def _load_waves(waves: list[list[recipients.Unit]], *, rules: Rules, source: str,
                 suppression: pl.DataFrame | None, resume_from: str | None, block_rows: int,
                 retry_failed: bool) -> Loaded:
-    """Every wave's tasks, submitted at once: a wave's maps wait for the wave before it to
-    settle (so the first wave has the cluster to itself, and later ones use what sending
-    leaves), its partitions' settles take the keepers of every earlier wave (first row of an
-    address wins: a later wave's row of it is a duplicate)."""
+    """The id check over every row, then the first wave, settled; the later waves planned
+    (load_waves.Later)."""
     p = rules.partitions
-    env = storage.runtime_env(source, resume_from)
-    opts: dict[str, Any] = {"runtime_env": env} if env else {}
+    opts = _options(source, resume_from)
     where = f"--input {source}"
     if rules.has_id:  # every id checked before anything is sent
-        maps: list[Any] = [_map_ids.options(num_returns=p + 1, **opts).remote(chunk, p)
-                           for chunk in _chunks([u for wave in waves for u in wave])]
-        checks = [_check_ids.remote(*[m[q] for m in maps]) for q in range(p)]
-        _raise_for(ray.get([m[-1] for m in maps]), partitions.merge_id_checks(ray.get(checks)),
-                   where)
+        maps: list[Any] = [load_tasks.map_ids.options(num_returns=p + 1, **opts).remote(chunk, p)
+                           for chunk in load_tasks.chunks([u for w in waves for u in w])]
+        checks = [load_tasks.check_ids.remote(*[m[q] for m in maps]) for q in range(p)]
+        _raise_for(ray.get([m[-1] for m in maps]), IdCheck(), where)  # unreadable, null
+        check = partitions.merge_id_checks(ray.get(checks))
+        if check.first is not None:  # read the two rows' addresses only now
+            id_, r0, r1, _ = check.first
+            same = ray.get(load_tasks.same_address.options(**opts).remote(
+                [u for w in waves for u in w], [r0, r1]))
+            check = dataclasses.replace(check, first=(id_, r0, r1, same))
+        _raise_for([], check, where)
     keys = partitions.split_suppression(suppression, p)
-    keepers: list[list[Any]] = [[] for _ in range(p)]
-    out: list[Wave] = []
-    ok: Any = True
-    gate: list[Any] = []
-    for w, wave in enumerate(waves):
-        # After the first wave, the senders hold a CPU share each: these tasks take half a CPU.
-        later = {"num_cpus": 0.5} if w else {}
-        maps = [_map.options(num_returns=p + 1, **opts, **later).remote(chunk, rules, False,
-                                                                         *gate)
-                for chunk in _chunks(wave)]
-        settles: list[Any] = [_settle_wave.options(**opts, **later).remote(
-            k, rules, keys[k], resume_from, retry_failed, len(maps), *[m[k] for m in maps],
-            *keepers[k]) for k in range(p)]
-        for k in range(p):
-            keepers[k].append(settles[k][2])
-        results = [m[-1] for m in maps]
-        ok = _wave_ok.remote(ok, *results)
-        gate = [s[0] for s in settles]
-        out.append(Wave(rows=sum(u.rows for u in wave), ok=ok, results=results, counts=gate,
-                        settled=[s[1] for s in settles], to_send=[s[3] for s in settles]))
-    first = out[0]
-    _raise_for(ray.get(first.results), IdCheck(), where)
+    maps = [load_tasks.map_rows.options(num_returns=p + 1, **opts).remote(chunk, rules, False)
+            for chunk in load_tasks.chunks(waves[0])]
+    settles: list[Any] = [load_tasks.settle_wave.options(**opts).remote(
+        k, rules, keys[k], resume_from, retry_failed, len(maps), *[m[k] for m in maps])
+        for k in range(p)]
+    results = [m[-1] for m in maps]
+    first = Wave(rows=sum(u.rows for u in waves[0]), ok=load_tasks.wave_ok.remote(True, *results),
+                 results=results, counts=[s[0] for s in settles],
+                 settled=[s[1] for s in settles], to_send=[s[3] for s in settles])
+    _raise_for(ray.get(results), IdCheck(), where)
     summary = partitions.summarise(ray.get(first.counts), fields=rules.fields, partitions=p)
+    later = Later(waves[1:], first=first, keepers=[[s[2]] for s in settles], rules=rules,
+                  options=opts, suppression=keys, resume_from=resume_from,
+                  retry_failed=retry_failed)
     return Loaded(summary=summary, to_send=[], settled=first.settled, block_rows=block_rows,
-                  blocks=[], waves=tuple(out), input_rows=sum(w.rows for w in out))
+                  blocks=[], later=later, input_rows=sum(u.rows for w in waves for u in w))
 
 
 def write_settled(loaded: Loaded, *, run_dir: str, run_id: str, epoch: int) -> int:
     """Write the rows settled at load into the ledger, one task per partition; of a load in
     waves, the first wave's, and the later waves' as each settles (`finish` waits for them)."""
     env = storage.runtime_env(run_dir)
-    task = _write_settled.options(runtime_env=env) if env else _write_settled
-    name = f"load-{run_id}"
-    written: int = sum(ray.get([task.remote(run_dir, ref, run_id, epoch, name)
-                           for ref, n in zip(loaded.settled, loaded.summary.settled_sizes,
-                                             strict=True) if n]))
-    for w, wave in enumerate(loaded.waves[1:], start=1):
-        loaded.writes.append([task.remote(run_dir, ref, run_id, epoch, f"{name}-wave{w}", wave.ok)
-                              for ref in wave.settled])
+    options: dict[str, Any] = {"runtime_env": env} if env else {}
+    task = load_tasks.write_settled.options(**options)
+    written: int = sum(ray.get([task.remote(run_dir, ref, run_id, epoch, f"load-{run_id}")
+                                for ref, n in zip(loaded.settled, loaded.summary.settled_sizes,
+                                                  strict=True) if n]))
+    if loaded.later:
+        loaded.later.write_with(Writer(run_dir=run_dir, run_id=run_id, epoch=epoch,
+                                       options=options))
     return written
 
 
 def finish(loaded: Loaded, *, wait: bool = True) -> tuple[LoadSummary, str | None]:
     """The whole load's summary once every wave has settled and its settled rows are written,
-    and the first unreadable file of a later wave (None if none): neither that wave's rows nor
-    those of the waves after it were sent or recorded, and a run of the campaign once it is
-    fixed sends them. `wait` False (a stopped run): only the waves already done; the rest are
+    and the first later wave that could not be loaded (None if none: see Later.finish).
+    `wait` False (a stopped run): only the waves already settled; the rest are cancelled and
     settled again, the same way, by the resume."""
-    if not loaded.waves:
+    if not loaded.later:
         return loaded.summary, None
-    counts: list[PartitionCounts] = list(ray.get(loaded.waves[0].counts))
-    error = None
-    for w, wave in enumerate(loaded.waves[1:]):
-        writes = loaded.writes[w] if w < len(loaded.writes) else []  # none before write_settled
-        refs = [wave.ok, *wave.counts, *writes]
-        if not wait and len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
-            break
-        if not ray.get(wave.ok):
-            error = next((r.error for r in ray.get(wave.results) if r.error), None)
-            break
-        ray.get(writes)
-        counts += ray.get(wave.counts)
-    summary = partitions.summarise(counts, fields=loaded.summary.fields,
+    counts, error = loaded.later.finish(wait=wait, timeout=FINISH_TIMEOUT)
+    first = list(ray.get(loaded.later.first.counts))
+    summary = partitions.summarise(first + counts, fields=loaded.summary.fields,
                                    partitions=loaded.summary.partitions)
     return summary, error
 
@@ -379,12 +229,18 @@ def take(loaded: Loaded, n: int) -> pl.DataFrame:
     heads = [_head.remote(ref, n) for ref in loaded.to_send]
     if not heads or n <= 0:
         return pl.DataFrame()
-    frames = [_frame(t) for t in ray.get(heads)]
+    frames = [load_tasks.frame_of(t) for t in ray.get(heads)]
     return pl.concat(frames).sort("_row").head(n).drop(partitions.PART, "_row")
 
 
-def _cpus() -> int:
+def _options(*paths: str | None) -> dict[str, Any]:
+    env = storage.runtime_env(*paths)
+    return {"runtime_env": env} if env else {}
+
+
+def _spare_cpus(reserved: float) -> float:
     try:
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
+        total = float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
     except Exception:  # noqa: BLE001
-        return 1
+        total = 1.0
+    return total - reserved

@@ -6,6 +6,7 @@ starts its own local Ray, which serves this machine only (127.0.0.1) and is stop
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -120,6 +121,12 @@ class RaySession:
     session_dir: str | None  # Ray's own logs for this session (logs/ below it)
 
     def stop(self) -> None:
+        # Collect the run's garbage while Ray is up: a Ray Data iterator or executor left in a
+        # reference cycle is shut down by its __del__, which talks to Ray. Collected after
+        # ray.shutdown, by whichever thread's allocation runs the collector (the report's,
+        # drawing charts), it ended the process with code 1 ("The core worker has already
+        # been shutdown"): seen once in the suite, after a run had finished and folded.
+        gc.collect()
         if self.started:
             import ray
             ray.shutdown()

@@ -34,6 +34,9 @@ POLL = 0.2  # seconds between the driver's looks at progress, the stop flag and 
 # Ray Data's iterator. Ray must not be shut down under a thread still inside the iterator: the
 # core worker then ends the whole process ("already been shutdown"), before the ledger is folded.
 FEEDER_JOIN = 10.0
+# At most this long the later waves of a load wait for the sender pool to be up (8 actors take
+# about 6.5 s to start on 2 cores): they then load while it sends.
+LATER_WAVES_GATE = 60.0
 PREFETCH_JOIN = 30.0  # seconds: the imports take 1-2 s, more on a loaded machine
 SMTP_BATCHES_PER_ACTOR = 20  # with real SMTP, batches as large as leave each actor this many,
 SMTP_BATCH_SECONDS = 20  # as the actor's sends in flight get through in this long at 1 s each,
@@ -185,7 +188,9 @@ def send(loaded: Loaded, job: SendJob, *, config: CampaignConfig, hooks: Hooks,
                          name="lease-deadline", daemon=True).start()
     try:
         with stages.time("partition"):
-            ds = loaded.dataset()
+            # A load in waves: the later waves start loading once the sender pool is up.
+            gate = [coordinator.pool_up.remote(LATER_WAVES_GATE)] if loaded.later else []
+            ds = loaded.dataset(coordinator, gate)
 
         with stages.time("send"):
             constructor = dict(run_dir=job.run_dir, campaign=job.campaign, run_id=job.run_id,

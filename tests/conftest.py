@@ -98,7 +98,7 @@ def campaign(tmp_path: Path, input_path: Path | str, **send: Any) -> CampaignCon
     opts: dict[str, Any] = dict(actors=2, threads_per_actor=10, latency=0.01, cpus_per_actor=0.25)
     opts.update(send)
     top = {k: opts.pop(k) for k in ("campaign", "restart", "retry_failed", "suppress", "charts",
-                                    "dry_run") if k in opts}
+                                    "dry_run", "wave_rows") if k in opts}
     top.setdefault("campaign", "test")
     top.setdefault("charts", False)
     return CampaignConfig(input=str(input_path), runs_dir=str(tmp_path / "runs"),

@@ -39,7 +39,7 @@ def load(data: pl.DataFrame | pl.LazyFrame | str | Path, *,
          suppression: pl.DataFrame | None = None, header_fields: tuple[str, ...] = ("name",),
          source: str | None = None, parts: int = 3, row_group_size: int | None = None,
          resume_from: str | None = None, retry_failed: bool = False,
-         block_rows: int = 97, wave_rows: int = 0) -> Loaded:
+         block_rows: int = 97, wave_rows: int = 0, reserved_cpus: float = 0.0) -> Loaded:
     """Needs the session's Ray (the `ray_session` fixture)."""
     folder = None
     if isinstance(data, (pl.DataFrame, pl.LazyFrame)):
@@ -57,7 +57,7 @@ def load(data: pl.DataFrame | pl.LazyFrame | str | Path, *,
         out = load_stage.load(recipients.units(path), rules=rules, source=source or path,
                               suppression=suppression, resume_from=resume_from,
                               retry_failed=retry_failed, block_rows=block_rows,
-                              wave_rows=wave_rows)
+                              wave_rows=wave_rows, reserved_cpus=reserved_cpus)
         if out.waves:  # the later waves read the file while the first one would send
             s, error = load_stage.finish(out)
             assert error is None, error

@@ -11,8 +11,8 @@ from .conftest import ROOT
 PACKAGE = ROOT / "pipeline"
 MAX_LINES = 400
 RAY_MODULES = {"pipeline.ray_session", "pipeline.load_stage", "pipeline.load_dataset",
-               "pipeline.send_stage", "pipeline.ledger_stage", "pipeline.actors",
-               "pipeline.metrics"}
+               "pipeline.load_tasks", "pipeline.load_waves", "pipeline.send_stage",
+               "pipeline.ledger_stage", "pipeline.actors", "pipeline.metrics"}
 
 
 def modules() -> dict[str, Path]:

@@ -176,7 +176,7 @@ def test_a_later_wave_that_cannot_be_read_stops_the_run_after_the_waves_before_i
     from .test_recipients import _corrupt_pages
     folder = tmp_path / "in"
     folder.mkdir()
-    df = generate.generate(1500, seed=3).drop("id")
+    df = generate.generate(1500, seed=3, duplicate_fraction=0.1, invalid_fraction=0.05).drop("id")
     for name, rows in (("a", df[:500]), ("b", df[500:1000]), ("c", df[1000:])):
         rows.write_parquet(folder / f"{name}.parquet", row_group_size=250)
     good = (folder / "b.parquet").read_bytes()
@@ -192,15 +192,20 @@ def test_a_later_wave_that_cannot_be_read_stops_the_run_after_the_waves_before_i
     assert lines[0].startswith(f"bulkmail: error: --input {folder / 'b.parquet'}: cannot read "
                                "the recipients"), lines[0]
     assert "the rows before it were sent and recorded" in lines[0]
-    assert sorted(send_log(log).to_list()) == list(range(250))  # the first wave, once
+    first = pl.read_parquet(tmp_path / "runs" / "c" / "ledger.parquet")
+    # The first wave, once; nothing of the broken wave or the one after it, sent or settled.
+    assert sorted(first["id"].to_list()) == list(range(250))
+    sent = first.filter(pl.col("status") == "sent")["id"]
+    assert 0 < sent.len() < 250 and sorted(send_log(log).to_list()) == sorted(sent.to_list())
     manifest = json.loads((tmp_path / "runs" / "c" / "campaign.json").read_text())
-    assert manifest["state"] == "stopped" and manifest["input_rows"] == 250
+    assert manifest["state"] == "stopped" and manifest["input_rows"] == 1500
 
     (folder / "b.parquet").write_bytes(good)
     res = cli(*args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    sends = send_log(log)
-    assert sorted(sends.to_list()) == list(range(1500))  # the rest, once
     led = pl.read_parquet(tmp_path / "runs" / "c" / "ledger.parquet")
-    assert led.height == 1500 and (led["status"] == "sent").all()
+    assert sorted(led["id"].to_list()) == list(range(1500))
+    sent = led.filter(pl.col("status") == "sent")["id"]
+    assert sorted(send_log(log).to_list()) == sorted(sent.to_list())  # the rest, once
+    assert set(led["status"].unique()) == {"sent", "duplicate", "invalid"}
     assert json.loads((tmp_path / "runs" / "c" / "campaign.json").read_text())["state"] == "finished"

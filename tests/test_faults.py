@@ -6,6 +6,7 @@ send log with O_APPEND (one write(2) per line), so a repeat shows up even if the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -152,9 +153,11 @@ def test_sender_actor_sigkill_run_completes(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("waves", [[], WAVES], ids=["one-wave", "waves"])
 def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path, waves: list[str]) -> None:
+    """In waves, the stop comes in the second wave (rows 500-1,499), its third still loading
+    or waiting for its turn: the report still adds up, and the resume loads the rest."""
     rows = 3000
     proc, log, args = launch(tmp_path, rows, *waves)
-    wait_for_sends(log, 400, proc)
+    wait_for_sends(log, 900 if waves else 400, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=90)
     assert proc.returncode == 130, err
@@ -164,6 +167,7 @@ def test_sigint_stops_cleanly_and_resume_completes(tmp_path: Path, waves: list[s
     assert 0 < partial.height < rows
     assert (partial["status"] == "sent").all()
     assert "not sent (stopped)" in out
+    assert json.loads((tmp_path / "runs/c/report.json").read_text())["counts"]["reconciled"]
 
     done = cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

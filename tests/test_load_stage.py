@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline import generate, load_dataset, partitions, recipients
 from pipeline.campaign import run_campaign
+from pipeline.hooks import Hooks
 
 from . import reference_load
 from .conftest import campaign, read_ledger
@@ -61,16 +62,21 @@ def test_dirty_file_fates_match_the_plain_computation(parts: int, row_group: int
     assert want["status"].value_counts().height == 4  # invalid, duplicate, suppressed, to send
 
 
-def test_a_run_records_the_same_fates_in_its_ledger(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wave_rows", [0, 300], ids=["one-wave", "waves"])
+def test_a_run_records_the_same_fates_in_its_ledger(tmp_path: Path, wave_rows: int) -> None:
     """End to end: the ledger of a real run holds, for every row settled at load, the fate the
-    plain computation gives; every other row was sent."""
+    plain computation gives; every other row was sent. In waves (of 400, 800 and 300 rows)
+    too: the later waves' settled rows are written while the first one sends."""
     df = _dirty(1500, seed=8)
     path = tmp_path / "dirty.parquet"
     df.write_parquet(path, row_group_size=200)
     keys = _suppression(df, 30)
     unsub = tmp_path / "unsub.txt"
     unsub.write_text("\n".join(keys["_key"].to_list()) + "\n")
-    rep = run_campaign(campaign(tmp_path, path, suppress=str(unsub)))
+    said: list[str] = []
+    rep = run_campaign(campaign(tmp_path, path, suppress=str(unsub), wave_rows=wave_rows),
+                       hooks=Hooks(on_info=said.append))
+    assert any("(first wave of 3; 1,500 rows in all)" in line for line in said) == bool(wave_rows)
     led = read_ledger(tmp_path).sort("id")
     want = reference_load.fates(df, suppression=keys).sort("id")
     assert led["id"].to_list() == want["id"].to_list()
@@ -168,10 +174,41 @@ def test_ids_repeated_across_waves_stop_the_load_before_a_wave_settles() -> None
         with pytest.raises(UsageError, match=r"column 'id' repeats \(1 ids; e\.g\. id 3 on rows 3 "
                            r"and 850, with different addresses\)"):
             load(df, row_group_size=100, wave_rows=wave_rows)
+    # The same address (the domain's case and spaces aside): asked of those two rows only.
+    local, domain = df["email"][3].split("@")
+    twin = df.with_row_index("_r").with_columns(
+        pl.when(pl.col("_r") == 850).then(pl.lit(f" {local}@{domain.upper()}"))
+        .otherwise(pl.col("email")).alias("email")).drop("_r")
+    for wave_rows in (0, 100):
+        with pytest.raises(UsageError, match=r"id 3 on rows 3 and 850, with the same address"):
+            load(twin, row_group_size=100, wave_rows=wave_rows)
     nulls = df.with_columns(pl.when(pl.col("id") == 700).then(None).otherwise(pl.col("id"))
                             .alias("id"))
     with pytest.raises(UsageError, match=r"1 empty or out-of-range values \(first at row 700\)"):
         load(nulls, row_group_size=100, wave_rows=100)
+
+
+def test_a_file_without_ids_beside_files_with_them_is_named_in_waves_too(tmp_path: Path) -> None:
+    from pipeline.errors import UsageError
+    folder = tmp_path / "in"
+    folder.mkdir()
+    generate.generate(300, seed=1).write_parquet(folder / "a.parquet", row_group_size=100)
+    generate.generate(200, seed=2).drop("id").write_parquet(folder / "b.parquet")
+    for wave_rows in (0, 100):
+        with pytest.raises(UsageError, match=r"column 'id' has 200 empty or out-of-range values "
+                           r"\(first at row 300\)"):
+            load(str(folder), wave_rows=wave_rows)
+
+
+def test_a_cluster_the_senders_would_fill_loads_in_one_wave() -> None:
+    """The later waves' tasks need half a CPU beside the senders': without it they would never
+    run, so the list loads in one wave instead."""
+    import ray
+    df = generate.generate(600, seed=2)
+    assert load(df, row_group_size=100, wave_rows=100).stage.later is not None  # type: ignore[union-attr]
+    cpus = float(ray.cluster_resources()["CPU"])
+    assert load(df, row_group_size=100, wave_rows=100,
+                reserved_cpus=cpus - 0.5).stage.later is None  # type: ignore[union-attr]
 
 
 def test_rows_to_send_come_in_blocks_of_a_batch() -> None:
@@ -190,7 +227,7 @@ def test_rows_to_send_come_in_blocks_of_a_batch() -> None:
 
 def test_the_dataset_of_the_blocks_is_the_one_ray_data_builds_from_them(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # load_stage.dataset_of describes the blocks from what the partitions' tasks reported,
+    # load_dataset.dataset_of describes the blocks from what the partitions' tasks reported,
     # instead of asking each block in a task (`from_arrow_refs`): the same rows, schema, block
     # sizes and bytes.
     import ray
@@ -215,7 +252,7 @@ def test_the_dataset_of_the_blocks_is_the_one_ray_data_builds_from_them(
         load_dataset.dataset_of(out.to_send, out.blocks[:1])
 
 
-def test_the_dataset_of_waves_reads_each_wave_in_blocks_and_nothing_of_a_broken_one(
+def test_the_dataset_of_waves_reads_every_wave_and_nothing_of_a_broken_one(
         tmp_path: Path) -> None:
     """Every row to send of every wave; a wave whose file cannot be read gives no rows, nor do
     the waves after it, and `finish` names the file."""
