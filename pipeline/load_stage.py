@@ -10,8 +10,9 @@ A list of more than `wave_rows` rows loads in waves of row groups in input order
 the one before (recipients.waves): the ids of every row are checked, the first wave settles as
 above and sends; the later ones settle meanwhile (load_waves.py), and `finish` collects them.
 
-The rules are `partitions.py`'s, the tasks `load_tasks.py`'s; this module places them. The driver holds
-object references and counts: memory in proportion to blocks × partitions, not rows.
+The rules are `partitions.py`'s, the tasks `load_tasks.py`'s; this module places them. The
+driver holds object references and counts: memory in proportion to blocks × partitions, not
+rows.
 
 Why tasks and not Ray Data's `repartition(keys=...)`/`groupby().map_groups()`: on this
 machine Ray Data's hash shuffle took 13.6 s for 1M rows and a second one 5.9 s
@@ -34,7 +35,7 @@ from . import load_tasks, partitions, recipients, storage
 from .errors import UsageError
 from .load_dataset import READ_TASK_CPUS, READ_TASKS_IN_FLIGHT, Blocks
 from .load_tasks import MapResult
-from .load_waves import LATER_WAVE_CPUS, Later, Wave, Writer
+from .load_waves import LATER_WAVE_CPUS, Later, Wave, Writer, submit_wave
 from .partitions import IdCheck, LoadSummary, PartitionCounts, Rules
 
 FINISH_TIMEOUT = 30.0  # seconds a stopped run waits for a settled wave's rows to be written
@@ -172,18 +173,12 @@ def _load_waves(waves: list[list[recipients.Unit]], *, rules: Rules, source: str
             check = dataclasses.replace(check, first=(id_, r0, r1, same))
         _raise_for([], check, where)
     keys = partitions.split_suppression(suppression, p)
-    maps = [load_tasks.map_rows.options(num_returns=p + 1, **opts).remote(chunk, rules, False)
-            for chunk in load_tasks.chunks(waves[0])]
-    settles: list[Any] = [load_tasks.settle_wave.options(**opts).remote(
-        k, rules, keys[k], resume_from, retry_failed, len(maps), *[m[k] for m in maps])
-        for k in range(p)]
-    results = [m[-1] for m in maps]
-    first = Wave(rows=sum(u.rows for u in waves[0]), ok=load_tasks.wave_ok.remote(True, *results),
-                 results=results, counts=[s[0] for s in settles],
-                 settled=[s[1] for s in settles], to_send=[s[3] for s in settles])
-    _raise_for(ray.get(results), IdCheck(), where)
+    keepers: list[list[Any]] = [[] for _ in range(p)]
+    first = submit_wave(waves[0], rules=rules, options=opts, suppression=keys,
+                        resume_from=resume_from, retry_failed=retry_failed, keepers=keepers)
+    _raise_for(ray.get(first.results), IdCheck(), where)
     summary = partitions.summarise(ray.get(first.counts), fields=rules.fields, partitions=p)
-    later = Later(waves[1:], first=first, keepers=[[s[2]] for s in settles], rules=rules,
+    later = Later(waves[1:], first=first, keepers=keepers, rules=rules,
                   options=opts, suppression=keys, resume_from=resume_from,
                   retry_failed=retry_failed)
     return Loaded(summary=summary, to_send=[], settled=first.settled, block_rows=block_rows,
@@ -239,8 +234,4 @@ def _options(*paths: str | None) -> dict[str, Any]:
 
 
 def _spare_cpus(reserved: float) -> float:
-    try:
-        total = float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
-    except Exception:  # noqa: BLE001
-        total = 1.0
-    return total - reserved
+    return load_tasks.cluster_cpus() - reserved

@@ -171,8 +171,13 @@ def chunks(units: Sequence[recipients.Unit]) -> list[list[recipients.Unit]]:
     return [list(units[i::tasks]) for i in range(tasks)]
 
 
-def cpus() -> int:
+def cluster_cpus() -> float:
+    """The cluster's logical CPUs (1 if Ray cannot say)."""
     try:
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
+        return float(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
     except Exception:  # noqa: BLE001
-        return 1
+        return 1.0
+
+
+def cpus() -> int:
+    return max(1, int(cluster_cpus()))

@@ -49,6 +49,27 @@ class Writer:
     options: dict[str, Any]
 
 
+def submit_wave(units: Sequence[recipients.Unit], *, rules: Rules, options: dict[str, Any],
+                suppression: list[pl.Series | None], resume_from: str | None,
+                retry_failed: bool, keepers: list[list[Any]], before: Any = True,
+                after: Sequence[Any] = ()) -> Wave:
+    """One wave's tasks: its maps (waiting for the Ray objects `after`), one settle per
+    partition taking the keepers of every earlier wave (`keepers`, per partition; this wave's
+    are appended), and its `ok` (`before`: the wave before it read cleanly)."""
+    p = rules.partitions
+    maps: list[Any] = [load_tasks.map_rows.options(num_returns=p + 1, **options).remote(
+        chunk, rules, False, *after) for chunk in load_tasks.chunks(units)]
+    settles: list[Any] = [load_tasks.settle_wave.options(**options).remote(
+        k, rules, suppression[k], resume_from, retry_failed, len(maps), *[m[k] for m in maps],
+        *keepers[k]) for k in range(p)]
+    for k in range(p):
+        keepers[k].append(settles[k][2])
+    results = [m[-1] for m in maps]
+    return Wave(rows=sum(u.rows for u in units), ok=load_tasks.wave_ok.remote(before, *results),
+                results=results, counts=[s[0] for s in settles],
+                settled=[s[1] for s in settles], to_send=[s[3] for s in settles])
+
+
 class Later:
     """The waves after the first: planned at load, submitted by `submit` (the send stage's
     Dataset, or `finish`), then followed."""
@@ -67,7 +88,6 @@ class Later:
         self.first = first
         self.submitted: list[Wave] = []
         self.writer: Writer | None = None
-        self.rows = sum(u.rows for w in waves for u in w)
         self._to_send: dict[int, int] = {}  # wave: rows to send, once known
 
     @property
@@ -79,23 +99,13 @@ class Later:
         for `gate` (Ray objects) too."""
         if self.submitted or not self._units:
             return self.submitted
-        p = self._rules.partitions
         opts = {**self._options, "num_cpus": LATER_WAVE_CPUS}
         before, after = self.first, list(gate)
         for units in self._units:
-            maps: list[Any] = [load_tasks.map_rows.options(num_returns=p + 1, **opts).remote(
-                chunk, self._rules, False, *after, *before.counts)
-                for chunk in load_tasks.chunks(units)]
-            settles: list[Any] = [load_tasks.settle_wave.options(**opts).remote(
-                k, self._rules, self._suppression[k], self._resume_from, self._retry_failed,
-                len(maps), *[m[k] for m in maps], *self._keepers[k]) for k in range(p)]
-            for k in range(p):
-                self._keepers[k].append(settles[k][2])
-            results = [m[-1] for m in maps]
-            ok = load_tasks.wave_ok.remote(before.ok, *results)
-            wave = Wave(rows=sum(u.rows for u in units), ok=ok, results=results,
-                        counts=[s[0] for s in settles], settled=[s[1] for s in settles],
-                        to_send=[s[3] for s in settles])
+            wave = submit_wave(units, rules=self._rules, options=opts,
+                               suppression=self._suppression, resume_from=self._resume_from,
+                               retry_failed=self._retry_failed, keepers=self._keepers,
+                               before=before.ok, after=[*after, *before.counts])
             self.submitted.append(wave)
             before, after = wave, []
         if self.writer is not None:
