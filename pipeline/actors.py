@@ -362,8 +362,8 @@ def _limiter(schedule: Any, rate: float, concurrency: int) -> ratelimit.SlotLimi
     # One request may cover every waiting worker, or one second of the whole rate.
     chunk = max(concurrency, math.ceil(rate))
 
-    def grant(n: int) -> ratelimit.Grant:
-        slots, retry_at = ray.get(schedule.grant.remote(n))
+    def grant(n: int, lead: float | None) -> ratelimit.Grant:
+        slots, retry_at = ray.get(schedule.grant.remote(n, lead))
         return list(slots), float(retry_at)
 
     def release(slots: list[float]) -> None:

@@ -48,6 +48,11 @@ def test_schedule_grants_each_slot_once_spaced_and_ahead() -> None:
     # After a quiet spell slots start from now (plus lead), not in the past.
     now[0] += 60
     assert s.grant(3)[0][0] == pytest.approx(now[0] + 0.05)
+    # An asker's own lead, never beyond the schedule's.
+    now[0] += 60
+    assert s.grant(1, 0.01)[0][0] == pytest.approx(now[0] + 0.01)
+    now[0] += 60
+    assert s.grant(1, 1.0)[0][0] == pytest.approx(now[0] + 0.05)
     granted = a + b + c
     assert len(set(granted)) == len(granted)
 
@@ -74,11 +79,11 @@ def test_limiter_paces_threads_and_coroutines_of_several_actors() -> None:
     lock = threading.Lock()
     calls = [0]
 
-    def grant(n: int) -> tuple[list[float], float]:
+    def grant(n: int, lead: float | None) -> tuple[list[float], float]:
         with lock:  # the actor handles one call at a time
             calls[0] += 1
             time.sleep(0.002)  # a round trip
-            return schedule.grant(n)
+            return schedule.grant(n, lead)
 
     def release(slots: list[float]) -> None:
         with lock:
@@ -123,6 +128,38 @@ def test_limiter_paces_threads_and_coroutines_of_several_actors() -> None:
     assert calls[0] < len(starts) / 5
 
 
+def test_a_binding_rate_is_reached_by_just_enough_connections() -> None:
+    """10 connections (2 actors × 5) of 50 ms sends could start 200 a second: a rate of 100
+    binds, and every worker waits for a slot after each send. That wait's floor is the lead of
+    the slots it is granted: at the schedule's 50 ms it held them to 81-86 a second (CI once
+    failed the relays' rate test on it); at the lead the limiter asks for (twice its round
+    trip, here 2 ms) they reach the rate."""
+    schedule = SlotSchedule(100)
+    lock = threading.Lock()
+
+    def grant(n: int, lead: float | None) -> tuple[list[float], float]:
+        with lock:
+            time.sleep(0.002)
+            return schedule.grant(n, lead)
+    limiters = [SlotLimiter(grant, max_chunk=100) for _ in range(2)]
+    starts: list[float] = []
+    end = time.time() + 5
+
+    def worker(limiter: SlotLimiter) -> None:
+        while time.time() < end:
+            limiter.wait()
+            starts.append(time.time())
+            time.sleep(0.05)
+    threads = [threading.Thread(target=worker, args=(limiters[i % 2],)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for limiter in limiters:
+        limiter.cancel()
+    assert len(check_paced(starts, 100)) >= 3
+
+
 def test_cancel_wakes_waiters_at_once() -> None:
     schedule = SlotSchedule(1, horizon=100)  # one slot a second: everybody waits
     limiter = SlotLimiter(schedule.grant, max_chunk=100)
@@ -149,7 +186,7 @@ def test_a_thread_still_gets_a_slot_when_the_ones_granted_were_stale_on_arrival(
     last batch of a run hung for good (seen once in the suite, after an actor was killed)."""
     calls: list[int] = []
 
-    def grant(n: int) -> tuple[list[float], float]:
+    def grant(n: int, lead: float | None) -> tuple[list[float], float]:
         calls.append(n)
         now = time.time()
         if len(calls) == 1:
@@ -174,7 +211,7 @@ def test_a_slot_a_later_thread_takes_first_is_asked_for_again() -> None:
     here as what the limiter sees of it: one waiter counted, the slot in the deque."""
     calls: list[int] = []
 
-    def grant(n: int) -> tuple[list[float], float]:
+    def grant(n: int, lead: float | None) -> tuple[list[float], float]:
         calls.append(n)
         now = time.time()
         return [now + 0.01] * n, now

@@ -27,15 +27,17 @@ from collections.abc import Callable
 from typing import Any
 
 Grant = tuple[list[float], float]  # (slot times, ascending; if empty: when to ask again)
+MIN_LEAD = 0.005  # seconds: a slot granted closer than this would reach a worker late
 
 
 class SlotSchedule:
     """Grants send slots spaced `1/rate` apart, each slot once; takes back unused ones.
 
     `lead`: every granted slot is at least this far in the future, so it reaches the sender
-    before it is due (a round trip is ~1 ms on one host, a few ms across nodes; 50 ms leaves
-    room for a loaded machine). `horizon`: no slot further ahead than this, which bounds what the
-    actors can hold between them (rate × horizon slots).
+    before it is due; an asker may name its own (`SlotLimiter` asks for its measured round
+    trip: ~1 ms on one host, a few ms across nodes, tens on a loaded machine) and this default
+    serves the rest and a first request. `horizon`: no slot further ahead than this, which
+    bounds what the actors can hold between them (rate × horizon slots).
     """
 
     def __init__(self, rate: float, *, lead: float = 0.05, horizon: float = 2.0,
@@ -51,9 +53,9 @@ class SlotSchedule:
         self.granted = 0
         self.regranted = 0
 
-    def grant(self, n: int) -> Grant:
+    def grant(self, n: int, lead: float | None = None) -> Grant:
         now = self._clock()
-        earliest = now + self.lead
+        earliest = now + (self.lead if lead is None else min(max(lead, 0.0), self.lead))
         returned = self._returned
         while returned and returned[0] < earliest:  # too close to be delivered in time
             heapq.heappop(returned)
@@ -100,17 +102,22 @@ def estimate_offset(remote_now: Callable[[], float], *, samples: int = 5,
 class SlotLimiter:
     """The engine's `Limiter` inside one actor: `wait()` for threads, `await_turn()` for asyncio.
 
-    `grant(n)` and `release(slots)` reach the schedule (blocking calls, made only by this
+    `grant(n, lead)` and `release(slots)` reach the schedule (blocking calls, made only by this
     limiter's helper thread). The helper asks for a slot for every waiter that has none, and
     keeps a reserve of this actor's use in hand so that a slow round trip delays no send: three
     of the slowest recent round trips' worth, within `ahead` (0.05-0.5 s). Not when the rate
     binds (grants land beyond that reserve, because the workers of all actors already hold that
     much): then waiters alone decide, which shares the rate among the actors by demand and
     adapts at once when one runs out of work, and an actor whose work runs out holds nothing
-    another could have used. It gathers requests for up to `linger` (20 ms), so one round trip serves
-    many sends (5-50 a second per busy actor, not one per email). `max_chunk` caps one request.
-    `give_back()` returns the slots in hand when the actor runs out of work; the next requests
-    get them first.
+    another could have used. It gathers requests for up to `linger` (20 ms), so one round trip
+    serves many sends (5-50 a second per busy actor, not one per email). `max_chunk` caps one
+    request. `give_back()` returns the slots in hand when the actor runs out of work; the next
+    requests get them first.
+
+    The lead asked for (how far ahead of now the slots must be) is twice the slowest recent
+    round trip, at least 5 ms (the schedule's default before the first one). When the rate
+    binds it is dead time for every worker after each send: the schedule's fixed 50 ms held 10
+    connections of 50 ms sends to 82/s at a rate of 100 (tests/test_rate.py).
 
     A slot still untaken `late_ok` seconds after it was due is dropped rather than spent late,
     so any window of W seconds holds at most rate × (W + late_ok) starts (plus any the sender
@@ -120,7 +127,7 @@ class SlotLimiter:
     without a slot.
     """
 
-    def __init__(self, grant: Callable[[int], Grant], *, max_chunk: int,
+    def __init__(self, grant: Callable[[int, float | None], Grant], *, max_chunk: int,
                  release: Callable[[list[float]], None] | None = None, offset: float = 0.0,
                  ahead: tuple[float, float] = (0.05, 0.5), linger: float = 0.02,
                  late_ok: float = 0.05,
@@ -253,7 +260,8 @@ class SlotLimiter:
         while True:
             try:
                 self.grant_calls += 1
-                slots, retry_at = self._grant(n)
+                lead = max(MIN_LEAD, 2 * self._rtt) if self.grant_calls > 1 else None
+                slots, retry_at = self._grant(n, lead)
                 return [s - self._offset for s in slots], retry_at - self._offset
             except Exception:  # noqa: BLE001 - the schedule is unreachable: never send unpaced
                 if self._cancelled.wait(self._retry_after):
