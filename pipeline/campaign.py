@@ -110,11 +110,11 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
                     "partitions": rules.partitions, "run_id": p.run_id,
                     "started_at": started_at, "finished_at": None, "state": "running"}
         _write_manifest(p.run_dir, manifest)
-        if summary.already_done:
-            hooks.info(f"resuming campaign {p.campaign}: {summary.already_done:,} recipients "
-                       "already done are skipped")
         waves = (f" (first wave of {loaded.wave_count}; {loaded.input_rows:,} rows in all)"
                  if loaded.later else "")
+        if summary.already_done:  # of a load in waves, the first wave's: the report has all
+            hooks.info(f"resuming campaign {p.campaign}: {summary.already_done:,} recipients "
+                       f"already done are skipped{' in the first wave' if waves else ''}")
         hooks.info(f"{p.campaign}: sending {summary.to_send:,} of {summary.input_rows:,} rows"
                    f"{waves} · {_shape(send, config.send.actors)} · {storage.shown(p.run_dir)}")
         outcome = None
