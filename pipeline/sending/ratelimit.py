@@ -34,9 +34,9 @@ class SlotSchedule:
     """Grants send slots spaced `1/rate` apart, each slot once; takes back unused ones.
 
     `lead`: every granted slot is at least this far in the future, so it reaches the sender
-    before it is due; an asker may name its own (`SlotLimiter` asks for its measured round
-    trip: ~1 ms on one host, a few ms across nodes, tens on a loaded machine) and this default
-    serves the rest and a first request. `horizon`: no slot further ahead than this, which
+    before it is due; an asker may name a shorter one (`SlotLimiter` asks for twice its
+    measured round trip: ~1 ms on one host, a few ms across nodes, tens on a loaded machine)
+    and this default serves the rest and a first request. `horizon`: no slot further ahead than this, which
     bounds what the actors can hold between them (rate × horizon slots).
     """
 
@@ -74,7 +74,7 @@ class SlotSchedule:
 
     def release(self, slots: list[float]) -> None:
         """Slots an actor will not use: granted again to whoever asks next, if still in time."""
-        earliest = self._clock() + self.lead
+        earliest = self._clock() + MIN_LEAD  # an asker may take it up to this close (grant)
         for s in slots:
             if s >= earliest:
                 heapq.heappush(self._returned, s)
@@ -115,9 +115,10 @@ class SlotLimiter:
     requests get them first.
 
     The lead asked for (how far ahead of now the slots must be) is twice the slowest recent
-    round trip, at least 5 ms (the schedule's default before the first one). When the rate
-    binds it is dead time for every worker after each send: the schedule's fixed 50 ms held 10
-    connections of 50 ms sends to 82/s at a rate of 100 (tests/test_rate.py).
+    round trip, at least MIN_LEAD (5 ms) and at most the schedule's own lead (50 ms), which
+    also serves the first request, before any round trip is measured. When the rate binds it
+    is dead time for every worker after each send: the schedule's fixed 50 ms held 10
+    connections of 50 ms sends to 81-86/s at a rate of 100 (tests/test_rate.py).
 
     A slot still untaken `late_ok` seconds after it was due is dropped rather than spent late,
     so any window of W seconds holds at most rate × (W + late_ok) starts (plus any the sender
@@ -220,10 +221,11 @@ class SlotLimiter:
             with cv:
                 while not self._cancelled.is_set() and self._want() == 0:
                     cv.wait()
-                # Gather what else is wanted for a moment: granted slots are at least the
-                # schedule's lead (50 ms) ahead, so this delays no send, and one round trip
-                # serves many. Frequent small requests also pick up slots another actor gave
-                # back while they are still ahead.
+                # Gather what else is wanted for a moment, so that one round trip serves many.
+                # With the reserve in hand this delays no send; when the rate binds (no
+                # reserve) a waiter waits up to this much longer, the largest part of its dead
+                # time after the lead was cut to the round trip. Frequent small requests also
+                # pick up slots another actor gave back while they are still ahead.
                 deadline = self._clock() + self._linger
                 while not self._cancelled.is_set() and self._want() < self.max_chunk \
                         and (left := deadline - self._clock()) > 0:
@@ -260,7 +262,10 @@ class SlotLimiter:
         while True:
             try:
                 self.grant_calls += 1
-                lead = max(MIN_LEAD, 2 * self._rtt) if self.grant_calls > 1 else None
+                # None until a round trip is measured (a first call, or retries of one that
+                # failed); the round trip a retry measures includes its waits, so the lead
+                # stays at the schedule's 50 ms for a while after an outage.
+                lead = max(MIN_LEAD, 2 * self._rtt) if self._rtt > 0 else None
                 slots, retry_at = self._grant(n, lead)
                 return [s - self._offset for s in slots], retry_at - self._offset
             except Exception:  # noqa: BLE001 - the schedule is unreachable: never send unpaced
