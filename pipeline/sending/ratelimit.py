@@ -36,8 +36,8 @@ class SlotSchedule:
     `lead`: every granted slot is at least this far in the future, so it reaches the sender
     before it is due; an asker may name a shorter one (`SlotLimiter` asks for twice its
     measured round trip: ~1 ms on one host, a few ms across nodes, tens on a loaded machine)
-    and this default serves the rest and a first request. `horizon`: no slot further ahead than this, which
-    bounds what the actors can hold between them (rate × horizon slots).
+    and this default serves the rest and a first request. `horizon`: no slot further ahead
+    than this, which bounds what the actors can hold between them (rate × horizon slots).
     """
 
     def __init__(self, rate: float, *, lead: float = 0.05, horizon: float = 2.0,
