@@ -88,9 +88,10 @@ def test_a_read_waiting_for_a_slow_wave_ends_on_a_stop_and_reads_it_once_settled
                                   stop=wave),
              load_dataset.Pending(ok=wave.ok.remote(), rows=ray.put(second), size_bytes=1600,
                                   stop=wave)]
-    # A task-pool map, as small as the read tasks: the send stage's actors need not start.
+    # A task-pool map (the send stage's actors need not start), not fused into the read (its
+    # num_cpus differs from READ_TASK_CPUS), as the send stage's map is not.
     ds = load_dataset.dataset_of_waves(parts).map_batches(
-        _see, fn_kwargs={"wave": wave}, batch_size=None, batch_format="pyarrow", num_cpus=0.1)
+        _see, fn_kwargs={"wave": wave}, batch_size=None, batch_format="pyarrow", num_cpus=0.2)
     thread, ended = _run_in_thread(ds)
     seen = lambda: ray.get(wave.seen.remote())  # noqa: E731
     _wait_for(lambda: len(seen()) >= 100, 60)
