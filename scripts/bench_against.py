@@ -67,6 +67,10 @@ def main() -> None:
     sides = {"now": ROOT, "ref": worktree(a.ref, tmp / "ref")}
     if not a.no_control:
         sides["control"] = worktree("HEAD", tmp / "control")
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "pipeline"],
+                               capture_output=True, text=True).stdout.strip()
+        if dirty:  # the control runs HEAD: it is the same code only for a clean pipeline/
+            print("note: pipeline/ has uncommitted changes, which the control does not run")
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in sides}
     try:
         for i in range(a.pairs):
