@@ -5,7 +5,9 @@ id partition at a time. The rules are `partitions.py`'s; `load_stage.py` (one wa
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,14 +110,14 @@ def settle(part: int, rules: Rules, suppression: pl.Series | None, resume_from: 
     goes to one actor at a time)."""
     frames = [frame_of(t) for t in pieces if t.num_rows]
     if not frames:
-        yield PartitionCounts()
+        yield PartitionCounts(settled_at=time.time())
         yield pa.table({})
         yield Blocks(schema=pa.schema([]), shapes=())
         return
     done = (ledger.done_ids(resume_from, part, retry_failed=retry_failed)
             if resume_from is not None else None)
     out = partitions.settle(frames, fields=rules.fields, suppression=suppression, done=done)
-    yield out.summary
+    yield _stamped(out.summary)
     yield out.settled.to_arrow()
     table = out.to_send.to_arrow()
     blocks = [table.slice(start, block_rows) for start in range(0, table.num_rows, block_rows)]
@@ -134,12 +136,18 @@ def settle_wave(part: int, rules: Rules, suppression: pl.Series | None, resume_f
     PartitionCounts, settled ledger rows, keepers (for the waves after) and rows to send."""
     frames = [frame_of(t) for t in pieces[:maps] if t.num_rows]
     if not frames:
-        return PartitionCounts(), pa.table({}), pa.table({}), pa.table({})
+        return PartitionCounts(settled_at=time.time()), pa.table({}), pa.table({}), pa.table({})
     done = (ledger.done_ids(resume_from, part, retry_failed=retry_failed)
             if resume_from is not None else None)
     out = partitions.settle(frames, fields=rules.fields, suppression=suppression, done=done,
                             earlier=[frame_of(t) for t in pieces[maps:] if t.num_rows])
-    return out.summary, out.settled.to_arrow(), out.keepers.to_arrow(), out.to_send.to_arrow()
+    return (_stamped(out.summary), out.settled.to_arrow(), out.keepers.to_arrow(),
+            out.to_send.to_arrow())
+
+
+def _stamped(counts: PartitionCounts) -> PartitionCounts:
+    """`counts` with the time its partition settled: the report's "list loaded after"."""
+    return dataclasses.replace(counts, settled_at=time.time())
 
 
 @ray.remote(num_cpus=0)

@@ -196,6 +196,7 @@ class PartitionCounts:
     settled: int = 0
     already_done: int = 0
     counts: dict[str, int] = field(default_factory=dict)  # invalid / duplicate / suppressed
+    settled_at: float | None = None  # when its task settled it (epoch seconds, that node's clock)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,17 +281,27 @@ class LoadSummary:
     partitions: int = 1
     sizes: tuple[int, ...] = ()  # rows to send per partition
     settled_sizes: tuple[int, ...] = ()  # rows settled at load per partition
+    waves: int = 1  # of the load (load_stage.py): each wave's partitions count in `sizes`
+    # When the last partition of the whole list settled (epoch seconds); None when some never
+    # did (a stopped run in waves cancels the waves still loading: the resume loads them).
+    loaded_at: float | None = None
 
 
 def summarise(parts: Sequence[PartitionCounts], *, fields: tuple[str, ...],
-              partitions: int) -> LoadSummary:
+              partitions: int, waves: int = 1, complete: bool = True) -> LoadSummary:
+    """`parts`: the partitions of `waves` waves, or of fewer (`complete` False: then the
+    summary has no `loaded_at`)."""
     counts = {s: sum(p.counts.get(s, 0) for p in parts) for s in (INVALID, DUPLICATE, SUPPRESSED)}
+    times = [p.settled_at for p in parts]
+    loaded_at = (max(t for t in times if t is not None)
+                 if complete and times and None not in times else None)
     return LoadSummary(input_rows=sum(p.input_rows for p in parts),
                        to_send=sum(p.to_send for p in parts),
                        already_done=sum(p.already_done for p in parts), counts=counts,
                        fields=fields, partitions=partitions,
                        sizes=tuple(p.to_send for p in parts),
-                       settled_sizes=tuple(p.settled for p in parts))
+                       settled_sizes=tuple(p.settled for p in parts), waves=waves,
+                       loaded_at=loaded_at)
 
 
 def split_suppression(keys: pl.DataFrame | None, partitions: int) -> list[pl.Series | None]:

@@ -121,6 +121,11 @@ class Report:
     campaign_counts: Mapping[str, int]
     stages_s: Mapping[str, float]
     total_s: float
+    # Seconds after the run's start. Of a load in waves the later waves load while the first
+    # sends (inside the send stage), so the load stage alone does not say when the list was in.
+    first_email_after_s: float | None
+    list_loaded_after_s: float | None  # None: a stopped run left waves unloaded
+    waves: int
     send: SendStats
     latency_s: Latency
     ray_data: tuple[Mapping[str, Any], ...]
@@ -167,11 +172,17 @@ def build(*, campaign: str, run_id: str, run_dir: str, input: str, send: SendCon
         campaign_counts=dict(tally.campaign),
         stages_s={k: round(stages[k], 3) for k in STAGE_ORDER if k in stages},
         total_s=round(time.time() - started_at, 3),
+        first_email_after_s=_after(tally.first_start, started_at),
+        list_loaded_after_s=_after(loaded.loaded_at, started_at), waves=loaded.waves,
         send=SendStats(**efficiency(tally, send), retries=tally.attempts - tally.tried,
                        repeated_records=tally.repeated, crashed_batches=crashed_batches),
         latency_s=Latency(**latency(tally)),
         ray_data=ray_stats,
     )
+
+
+def _after(t: float | None, started_at: float) -> float | None:
+    return None if t is None else round(max(0.0, t - started_at), 3)
 
 
 def build_dry_run(*, campaign: str, run_dir: str, loaded: LoadSummary, stages: Mapping[str, float],
@@ -210,6 +221,9 @@ def summary_rows(rep: Report) -> list[tuple[str, str]]:
     rows += [(f"stage {k} (s)", _fmt(v)) for k, v in rep.stages_s.items()]
     rows += [
         ("total wall (s)", _fmt(rep.total_s)),
+        ("first email after (s)", _fmt(rep.first_email_after_s)),
+        ("list loaded after (s)", _fmt(rep.list_loaded_after_s)
+         + (f" (in {rep.waves} waves)" if rep.waves > 1 else "")),
         ("send window (s)", _fmt(s.window_s)),
         ("emails/s", _fmt(s.emails_per_s)),
         ("efficiency vs ideal", "–" if s.efficiency is None else f"{s.efficiency:.3f}"),

@@ -5,6 +5,7 @@ the plain polars computation of the same rules over the whole list at once
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import polars as pl
@@ -73,10 +74,20 @@ def test_a_run_records_the_same_fates_in_its_ledger(tmp_path: Path, wave_rows: i
     keys = _suppression(df, 30)
     unsub = tmp_path / "unsub.txt"
     unsub.write_text("\n".join(keys["_key"].to_list()) + "\n")
-    said: list[str] = []
+    said: list[tuple[float, str]] = []
+    started = time.time()  # the run's own start is this or a few µs later
     rep = run_campaign(campaign(tmp_path, path, suppress=str(unsub), wave_rows=wave_rows),
-                       hooks=Hooks(on_info=said.append))
-    assert any("(first wave of 3; 1,500 rows in all)" in line for line in said) == bool(wave_rows)
+                       hooks=Hooks(on_info=lambda line: said.append((time.time(), line))))
+    ((sending, line),) = [(t, x) for t, x in said if ": sending " in x]
+    assert ("(first wave of 3; 1,500 rows in all)" in line) == bool(wave_rows)
+    # When the whole list was in: in waves after the first wave's line (the later waves load
+    # once the senders are up), in one wave before it; never after the last email started.
+    assert rep.waves == (3 if wave_rows else 1) and rep.list_loaded_after_s is not None
+    loaded_at = started + rep.list_loaded_after_s
+    assert (loaded_at > sending) == bool(wave_rows), (loaded_at - sending, line)
+    last = read_ledger(tmp_path).filter(pl.col("status") == "sent")["started_at"].max()
+    assert loaded_at <= last.timestamp() + 0.01  # type: ignore[union-attr]
+    assert rep.first_email_after_s is not None and rep.first_email_after_s <= rep.total_s
     led = read_ledger(tmp_path).sort("id")
     want = reference_load.fates(df, suppression=keys).sort("id")
     assert led["id"].to_list() == want["id"].to_list()
@@ -264,6 +275,10 @@ def test_the_dataset_of_waves_reads_every_wave_and_nothing_of_a_broken_one(
     rows = out.dataset().take_all()
     summary, error = load_stage.finish(out)
     assert error is None and len(rows) == summary.to_send > out.summary.to_send
+    # Loaded once the last partition of the last wave settled, after the first wave.
+    assert summary.waves == 3 and out.summary.waves == 1
+    assert summary.loaded_at is not None and out.summary.loaded_at is not None
+    assert summary.loaded_at > out.summary.loaded_at
     assert sorted(r["id"] for r in rows) == (  # without an id column, ids are row numbers
         reference_load.fates(df).filter(pl.col("status").is_null())["id"].to_list())
 
@@ -281,6 +296,7 @@ def test_the_dataset_of_waves_reads_every_wave_and_nothing_of_a_broken_one(
     assert {r["_row"] for r in sent} <= set(range(300)) and len(sent) == broken.summary.to_send
     summary, error = load_stage.finish(broken)
     assert summary.input_rows == 300 and error is not None
+    assert summary.loaded_at is None  # the broken wave and the one after it never loaded
     assert error.startswith(f"--input {folder / 'b.parquet'}: cannot read the recipients")
     with pytest.raises(UsageError):  # and in one wave, before anything is settled
         load_stage.load(recipients.units(str(folder)), rules=rules, source=str(folder),
