@@ -26,10 +26,13 @@ from pipeline.campaign import run_campaign
 from pipeline.compose import Composer
 from pipeline.config import MessageConfig, RetryPolicy, SmtpConfig
 from pipeline.lab.sink import Sink, SinkHandler, fate
+from pipeline.ledger import LedgerWriter, read_journal
 from pipeline.messages import Message
 from pipeline.sending.smtp import AsyncSmtpSender, SmtpSender, reply_result
+from pipeline.sending.threads import ThreadEngine
 
 from .conftest import campaign, cli, read_ledger, write_recipients
+from .test_wire import COMPOSER, Fake
 
 FROM = "News <news@bulkmail.example>"
 
@@ -234,6 +237,189 @@ def test_async_sender_pools_connections_and_survives_a_drop(sink: Sink) -> None:
     assert sink.stats.messages == 22
     assert snd.reconnects >= 1
     assert max(sink.stats.per_connection.values()) <= 5
+
+
+# --------------------------------------------------------------------------- chained sends
+
+def _chained(tmp_path: Path, port: int, *, threads: int = 1, limiter: Any = None,
+             max_per_connection: int = 1000, relay_limiter: Any = None) -> ThreadEngine:
+    """The thread engine over SmtpSender, as a sender actor runs them, into test_wire's Fake
+    (a server offering PIPELINING that records what each read brought)."""
+    ledger = LedgerWriter(str(tmp_path / "run"), writer="w", node="n", run="r", epoch=1)
+    snd = SmtpSender(SmtpConfig(host="127.0.0.1", port=port, timeout=5,
+                                max_per_connection=max_per_connection), COMPOSER,
+                     local_hostname="client.example",
+                     limiters={f"127.0.0.1:{port}": relay_limiter} if relay_limiter else None)
+    return ThreadEngine(snd, concurrency=threads, ledger=ledger, limiter=limiter,
+                        retry=RetryPolicy(max_attempts=3, backoff_base=0.05))
+
+
+def _chained_with(fake: Fake, before: str, after: str) -> bool:
+    """Whether `before`'s data and `after`'s commands reached the server in one read."""
+    return any(f"To: {before}\r\n".encode() in c and f"RCPT TO:<{after}>".encode() in c
+               for _, c in fake.chunks)
+
+
+class _Unpaced:
+    """A rate's turn, always granted at once: what matters is that there is a rate."""
+
+    cancelled = False
+
+    def wait(self) -> None:
+        pass
+
+    async def await_turn(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
+def _msgs(n: int) -> list[Message]:
+    return [Message(i, f"user{i}@example.com", f"<c.{i}@bulkmail.example>", {}) for i in range(n)]
+
+
+def _attempts(tmp_path: Path) -> dict[int, int]:
+    rows = read_journal(str(tmp_path / "run"))
+    return dict(zip(rows["id"].to_list(), rows["attempts"].to_list(), strict=True))
+
+
+def test_sending_threads_chain_each_message_in_one_write(tmp_path: Path) -> None:
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port, threads=2)
+        counts = e.run(_msgs(200))
+        e.close()
+    assert counts.sent == 200 and counts.retries == 0
+    assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in _msgs(200))
+    assert fake.connections == 2
+    # A message's data, "." and the next message's MAIL in one write, as the async pumps do.
+    overlapped = [c for _, c in fake.chunks if b"\r\n.\r\nMAIL FROM:" in c]
+    assert len(overlapped) >= 190
+
+
+@pytest.mark.parametrize("rate", ["global", "relay"])
+def test_nothing_overlaps_under_a_rate(tmp_path: Path, rate: str) -> None:
+    """--rate or a relay's rate: each transaction waits for its own turn, none overlaps."""
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port, limiter=_Unpaced() if rate == "global" else None,
+                     relay_limiter=_Unpaced() if rate == "relay" else None)
+        assert e.run(_msgs(20)).sent == 20
+        e.close()
+    assert len(fake.received) == 20
+    assert not [c for _, c in fake.chunks if b"\r\n.\r\nMAIL FROM:" in c]
+
+
+def test_chains_end_at_max_per_connection_and_threads_end_on_close(tmp_path: Path) -> None:
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port, max_per_connection=3)
+        assert e.run(_msgs(10)).sent == 10
+        e.close()
+        threads = e._threads
+        for t in threads:
+            t.join(5)
+    assert not any(t.is_alive() for t in threads)
+    assert fake.connections == 4 and len(fake.received) == 10  # 3 + 3 + 3 + 1
+    assert _chained_with(fake, "user0@example.com", "user1@example.com")
+    assert not _chained_with(fake, "user2@example.com", "user3@example.com")  # a new connection
+
+
+def test_a_stop_mid_chain_sends_or_abandons_each_message_once(tmp_path: Path) -> None:
+    """A thread's next message, taken as its data went out, is in flight: it finishes after a
+    stop; the queued ones are abandoned. None is lost, none counted twice."""
+    n = 5000
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port, threads=4)
+        counts = e.run(_msgs(n), should_stop=lambda: len(fake.received) >= 200)
+        e.close()
+        e.ledger.flush()
+    got = [to for _, to, _ in fake.received]
+    assert counts.failed == 0 and counts.abandoned > 0 and counts.sent + counts.abandoned == n
+    assert len(got) == len(set(got)) == counts.sent
+    rows = read_journal(str(tmp_path / "run"))
+    assert rows.height == counts.sent and rows["id"].is_unique().all()
+
+
+def test_a_composer_bug_on_the_next_message_fails_only_it(tmp_path: Path) -> None:
+    class Bad:
+        def __str__(self) -> Any:
+            return 42  # str() raises TypeError inside the composer's own code
+
+    batch = _msgs(8)
+    batch[3] = Message(3, "user3@example.com", "<c.3@bulkmail.example>", {"name": Bad()})
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port)
+        counts = e.run(batch)
+        e.close()
+        e.ledger.flush()
+    assert counts.sent == 7 and counts.failed == 1 and counts.attempts == 8
+    assert fake.connections == 1 and len(fake.received) == 7
+    rows = read_journal(str(tmp_path / "run"))
+    failed = rows.filter(pl.col("status") == "failed")
+    assert failed["id"].to_list() == [3] and "message not built" in failed["error"][0]
+    assert _chained_with(fake, "user4@example.com", "user5@example.com")
+
+
+def test_a_421_inside_a_chain_retries_that_message_on_a_new_connection(tmp_path: Path) -> None:
+    """The server answers user3's data, then 421 to user4's MAIL (in the same write) and
+    closes: user3 is sent, user4 refused for now (transient, retried), each arrives once."""
+    with Fake(mail_421_at=5) as fake:
+        e = _chained(tmp_path, fake.port)
+        counts = e.run(_msgs(10))
+        e.close()
+        e.ledger.flush()
+    assert counts.sent == 10 and counts.attempts == 11 and fake.connections == 2
+    assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in _msgs(10))
+    attempts = _attempts(tmp_path)
+    assert attempts[4] == 2 and all(attempts[i] == 1 for i in range(10) if i != 4)
+    assert _chained_with(fake, "user3@example.com", "user4@example.com")
+
+
+def test_a_connection_broken_mid_chain_retries_the_written_one_and_sends_the_next_fresh(
+        tmp_path: Path) -> None:
+    """The server drops the connection at the end of user3's data, when user4's commands came
+    in the same write: user3 may have been delivered (transient, retried after a backoff), user4
+    cannot have been (sent at once on a new connection, not an attempt). Each arrives once."""
+    with Fake(drop={"user3@example.com": "data"}) as fake:
+        e = _chained(tmp_path, fake.port)
+        counts = e.run(_msgs(10))
+        e.close()
+        e.ledger.flush()
+    assert counts.sent == 10 and counts.retries == 1 and counts.attempts == 11
+    assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in _msgs(10))
+    attempts = _attempts(tmp_path)
+    assert attempts[3] == 2 and all(attempts[i] == 1 for i in range(10) if i != 3)
+    assert _chained_with(fake, "user3@example.com", "user4@example.com")
+
+
+def test_a_refusal_inside_a_chain_fails_that_message_and_the_chain_goes_on(
+        tmp_path: Path) -> None:
+    with Fake(refuse={"user4@example.com": b"550 5.1.1 no such user"}) as fake:
+        e = _chained(tmp_path, fake.port)
+        counts = e.run(_msgs(10))
+        e.close()
+        e.ledger.flush()
+    assert counts.sent == 9 and counts.failed == 1 and counts.attempts == 10
+    assert sorted(to for _, to, _ in fake.received) == [f"user{i}@example.com" for i in range(10)
+                                                          if i != 4]
+    assert fake.connections == 1  # RSET, then the next message, on the same connection
+    rows = read_journal(str(tmp_path / "run")).filter(pl.col("id") == 4)
+    assert rows["error"].to_list() == ["550 5.1.1 no such user"]
+    assert _chained_with(fake, "user3@example.com", "user4@example.com")
+    assert _chained_with(fake, "user5@example.com", "user6@example.com")
+
+
+def test_a_server_closing_after_a_reply_sends_the_chained_message_fresh(tmp_path: Path) -> None:
+    """user2's data is answered, then the connection closes: user3's commands, written with that
+    data, were never answered, so user3 goes at once on a new connection, one attempt."""
+    with Fake(close_after={"user2@example.com"}) as fake:
+        e = _chained(tmp_path, fake.port)
+        counts = e.run(_msgs(8))
+        e.close()
+        e.ledger.flush()
+    assert counts.sent == 8 and counts.attempts == 8
+    assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in _msgs(8))
+    assert fake.connections == 2 and set(_attempts(tmp_path).values()) == {1}
+    assert _chained_with(fake, "user2@example.com", "user3@example.com")
 
 
 # --------------------------------------------------------------------------- whole campaigns

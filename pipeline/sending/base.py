@@ -7,6 +7,7 @@ outside its base module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -37,6 +38,16 @@ class Sender(Protocol):
     def close(self) -> None: ...
     # Optional: `cancel()` (called by `Engine.stop`) makes sends waiting inside the sender (for
     # a relay's rate slot) return ABANDONED at once.
+
+
+@runtime_checkable
+class ChainingSender(Protocol):
+    """A blocking sender that may start the next message while this one's data goes out (SMTP
+    with PIPELINING: its commands in the same write). `upcoming()` gives that next message, or
+    None; a message it took must be the one `send_then` is called with next, whatever happens
+    (its transaction is under way on this thread's connection)."""
+
+    def send_then(self, message: Message, upcoming: Callable[[], Message | None]) -> SendResult: ...
 
 
 @runtime_checkable

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from ..compose import Envelope
@@ -14,7 +15,31 @@ from . import wire
 from .base import SendResult
 from .wire import BaseConnection, ConnectionLost
 
-__all__ = ["SyncConnection"]
+__all__ = ["Ahead", "SyncConnection"]
+
+
+class Ahead:
+    """A message whose transaction began while the one before it sent its data (chained: its
+    commands went in the same write), or its result when it could not begin (`result`). It is
+    the sending thread's next message (base.ChainingSender)."""
+
+    __slots__ = ("message", "conn", "flow", "n", "result")
+
+    def __init__(self, message: object, *, conn: SyncConnection | None = None,
+                 flow: wire.Flow | None = None, n: int = 0,
+                 result: SendResult | None = None) -> None:
+        self.message = message
+        self.conn = conn  # the connection its commands went out on
+        self.flow = flow  # its transaction, waiting for the replies to them
+        self.n = n  # how many replies its first step awaits
+        self.result = result
+
+
+def _timeout(exc: OSError, timeout: float) -> OSError:
+    """A socket timeout (SO_RCVTIMEO: EAGAIN) as what it means."""
+    if isinstance(exc, (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+        return TimeoutError(f"no reply from the server within {timeout:g} s")
+    return exc
 
 
 class SyncConnection(BaseConnection):
@@ -75,16 +100,46 @@ class SyncConnection(BaseConnection):
         except StopIteration as stop:
             return stop.value
         except OSError as exc:  # reset, closed, timeout, TLS, ProtocolError
-            if isinstance(exc, (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)):
-                exc = TimeoutError(f"no reply from the server within {self.smtp.timeout:g} s")
-            raise self._lost(exc, n) from exc
+            raise self._lost(_timeout(exc, self.smtp.timeout), n) from exc
 
-    def send(self, env: Envelope) -> SendResult:
-        """One message; raises ConnectionLost when the connection breaks."""
+    def send(self, env: Envelope, then: Callable[[], bytes] = bytes) -> SendResult:
+        """One message; raises ConnectionLost when the connection breaks. With PIPELINING,
+        `then()` may give the next message's commands (`begin`), which go out in the same
+        write as this one's data (as the async pumps do, pump.py); their replies are read by
+        `go_on`, in the next message's own send (SmtpSender.send_then)."""
         if self.parser.pending:  # a reply nobody asked for (a 421 while idle, say)
             raise self._lost(wire.ProtocolError("unsolicited reply on an idle connection"), 0)
-        result: SendResult = self._run(self.session.transaction(env))
-        return result
+        begun = self.begin(env)
+        return begun if isinstance(begun, SendResult) else self._chain(begun[0], *begun[1], then)
+
+    def begin(self, env: Envelope) -> tuple[wire.Flow, wire.Step] | SendResult:
+        """`env`'s transaction and its first step (nothing written); its result if the session
+        refuses it before any byte."""
+        flow = self.session.transaction(env)
+        try:
+            return flow, next(flow)
+        except StopIteration as stop:
+            result: SendResult = stop.value
+            return result
+
+    def go_on(self, flow: wire.Flow, n: int, then: Callable[[], bytes] = bytes) -> SendResult:
+        """A transaction `begin` started and whose first step went out: read its `n` replies,
+        then as `send`."""
+        return self._chain(flow, b"", n, then)
+
+    def _chain(self, flow: wire.Flow, out: bytes, n: int, then: Callable[[], bytes]) -> SendResult:
+        try:
+            while True:
+                if n == wire.FINAL:
+                    out += then()
+                if out:
+                    self.sock.sendall(out)
+                out, n = flow.send(self._read(1 if n == wire.FINAL else n))
+        except StopIteration as stop:
+            result: SendResult = stop.value
+            return result
+        except OSError as exc:
+            raise self._lost(_timeout(exc, self.smtp.timeout), n) from exc
 
     def close(self) -> None:
         """QUIT (waiting a moment for its reply), then close."""

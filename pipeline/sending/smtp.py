@@ -1,8 +1,9 @@
 """Real SMTP senders on bulkmail's own client (wire.py): `SmtpSender` (a blocking connection per
-sending thread, blocking.SyncConnection) and `AsyncSmtpSender` (`AsyncConnection`s on the event
-loop, each driven by a pump of its own, pump.py, which pipelines one message's data with the
-next one's commands). Each opens its connections through a
-`relays.RelayPool`, which chooses among several relays and takes a failing one out of rotation.
+sending thread, blocking.SyncConnection; with PIPELINING a thread's next message begins in the
+same write as this one's data, `send_then`) and `AsyncSmtpSender` (`AsyncConnection`s on the
+event loop, each driven by a pump of its own, pump.py, which pipelines the same way). Each opens
+its connections through a `relays.RelayPool`, which chooses among several relays and takes a
+failing one out of rotation.
 
 Connection discipline, the same in both:
 - a connection is reused for up to `max_per_connection` messages, with no RSET between
@@ -11,7 +12,8 @@ Connection discipline, the same in both:
 - a connection attempt that fails goes at once to another healthy relay, in the same send
   (relays.py); with one relay, the failure is the send's transient (or permanent) result;
 - a connection that broke before a message's data was written (a server that dropped an idle
-  connection, say) cannot have delivered it: the message goes out at once on a new connection
+  connection, say, or one that closed after answering the data before it, its commands in
+  that write) cannot have delivered it: the message goes out at once on a new connection
   (counted in `reconnects`), on another relay if it was a fresh connection that broke;
 - a connection error after the data was written fails that message only, as transient (the
   engine retries it after a backoff), and the connection is thrown away, so it never poisons
@@ -34,12 +36,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from ..compose import ComposeError, Composer, Envelope
-from ..config import Relay, SendConfig, SmtpConfig
+from ..compose import Composer, Envelope
+from ..config import SendConfig, SmtpConfig
 from ..messages import Message
 from .aio_connection import AsyncConnection, WriteBatch
 from .base import ABANDONED, SendResult
-from .blocking import SyncConnection
+from .blocking import Ahead, SyncConnection
 from .pump import Call, Calls, Pump, Source, wake_one
 from .relays import (
     CONNECT_ERRORS,
@@ -48,62 +50,14 @@ from .relays import (
     RelayPool,
     RelayState,
     connection_result,
-    env_password,
     preflight,
     tls_context,
 )
-from .wire import ConnectionLost, reply_result
+from .smtp_common import _Counters
+from .wire import ConnectionLost, Flow, Step, reply_result
 
 __all__ = ["AsyncSmtpSender", "SmtpSender", "SyncConnection", "connection_result", "make_smtp_sender",
            "preflight", "reply_result", "tls_context"]
-
-
-class _Counters:
-    """What both SMTP senders share: their settings, relays, EHLO name and counters."""
-
-    def __init__(self, smtp: SmtpConfig, composer: Composer, *, password: str | None,
-                 local_hostname: str | None, limiters: Mapping[str, Limiter] | None,
-                 pool: RelayPool | None, max_connections: int | None) -> None:
-        self._lock = threading.Lock()
-        self.connections_opened = 0
-        self.reconnects = 0
-        self.smtp = smtp
-        self.composer = composer
-
-        def given(_: Relay) -> str | None:
-            return password
-        self.pool = pool or RelayPool(smtp, password=env_password if password is None else given,
-                                      limiters=limiters, max_connections=max_connections)
-        # EHLO name: the From domain, not socket.getfqdn() (a DNS lookup per connection).
-        self._ehlo = local_hostname or composer.envelope_from.rpartition("@")[2] or "localhost"
-
-    def opened(self) -> None:
-        with self._lock:
-            self.connections_opened += 1
-
-    def reconnected(self) -> None:
-        with self._lock:
-            self.reconnects += 1
-
-    def cancel(self) -> None:
-        """The run is stopping (Engine.stop): sends waiting for a relay's slot answer ABANDONED."""
-        self.pool.cancel()
-
-    def _envelope(self, message: Message) -> Envelope | SendResult:
-        try:
-            return self.composer.envelope(message)
-        except ComposeError as exc:
-            return SendResult("permanent", f"message not built: {exc}")
-
-    def _broke_fresh(self, f: Failover, relay: RelayState, failure: SendResult) -> bool:
-        """A fresh connection to `relay` broke before the data: with other relays, the send goes
-        on to them (True); with one, `failure` is its result (False)."""
-        if not self.pool.rotation:
-            return False
-        self.pool.lost(relay, failure)
-        f.tried.append(relay)
-        f.last = failure
-        return True
 
 
 class SmtpSender(_Counters):
@@ -116,6 +70,11 @@ class SmtpSender(_Counters):
                          limiters=limiters, pool=pool, max_connections=None)
         self._local = threading.local()
         self._all: set[SyncConnection] = set()
+
+    def _conn(self) -> SyncConnection | None:
+        """This thread's connection."""
+        conn: SyncConnection | None = getattr(self._local, "conn", None)
+        return conn
 
     def _drop(self, conn: SyncConnection, *, lost: bool) -> None:
         if getattr(self._local, "conn", None) is conn:
@@ -159,7 +118,83 @@ class SmtpSender(_Counters):
         env = self._envelope(message)
         return env if isinstance(env, SendResult) else self.send_envelope(env)
 
-    def send_envelope(self, env: Envelope) -> SendResult:
+    def send_then(self, message: Message, upcoming: Callable[[], Message | None]) -> SendResult:
+        """`send`, chained (base.ChainingSender): with PIPELINING, the next message from
+        `upcoming` begins in the same write as this one's data. An ahead message whose
+        connection broke or closed before its data goes out at once, fresh, as `send` would."""
+        ahead: Ahead | None = getattr(self._local, "ahead", None)
+        self._local.ahead = None
+        if ahead is not None and ahead.message is message and ahead.result is not None:
+            return ahead.result
+        if ahead is not None and ahead.message is not message:  # not to go on: unusable
+            if ahead.conn is not None and ahead.conn is self._conn():
+                self._drop(ahead.conn, lost=True)
+            ahead = None
+        env = None if ahead is not None else self._envelope(message)
+        if isinstance(env, SendResult):
+            return env
+        try:
+            if ahead is not None:
+                if (result := self._go_on(ahead, upcoming)) is not None:
+                    return result
+                env = self._envelope(message)  # broken before its data: fresh, at once
+                if isinstance(env, SendResult):
+                    return env
+            assert env is not None
+            return self.send_envelope(env, upcoming)
+        except Exception:
+            # A bug midway may leave replies unread on the connection: never read them as
+            # another message's. A message begun on it had no data written: it goes fresh.
+            if (conn := self._conn()) is not None:
+                self._drop(conn, lost=True)
+            self._local.ahead = None
+            raise
+
+    def _go_on(self, ahead: Ahead, upcoming: Callable[[], Message | None]) -> SendResult | None:
+        conn, current = ahead.conn, self._conn()
+        if conn is None or conn is not current or not conn.usable:
+            if conn is not None and conn is current:  # a 421, say: the server is closing it
+                self._drop(conn, lost=True)
+            return None  # broken or closed before its data: sent fresh
+        assert ahead.flow is not None
+        try:
+            result = conn.go_on(ahead.flow, ahead.n, self._then(conn, upcoming))
+        except ConnectionLost as lost:
+            self._drop(conn, lost=True)
+            return None if lost.retry_safe else connection_result(lost.cause, "connection lost")
+        if not conn.usable:  # 421
+            self._drop(conn, lost=True)
+        return result
+
+    def _then(self, conn: SyncConnection,
+              upcoming: Callable[[], Message | None] | None) -> Callable[[], bytes]:
+        """What goes out with a message's data on `conn`: the next message's commands, when
+        the server pipelines and nothing paces this relay's transactions one by one."""
+        if upcoming is None or not conn.session.caps.pipelining or conn.relay.limiter is not None:
+            return bytes
+
+        def then() -> bytes:
+            if not conn.usable or conn.session.sent >= self.smtp.max_per_connection:
+                return b""
+            message = upcoming()
+            if message is None:
+                return b""
+            begun: tuple[Flow, Step] | SendResult
+            try:  # as the pumps do (pump.py): a bug here fails this message only
+                env = self._envelope(message)
+                begun = env if isinstance(env, SendResult) else conn.begin(env)
+            except Exception as exc:  # noqa: BLE001 - nothing of it written
+                begun = SendResult("permanent", f"message not built: {type(exc).__name__}: {exc}")
+            if isinstance(begun, SendResult):
+                self._local.ahead = Ahead(message, result=begun)
+                return b""
+            flow, (out, n) = begun
+            self._local.ahead = Ahead(message, conn=conn, flow=flow, n=n)
+            return out
+        return then
+
+    def send_envelope(self, env: Envelope,
+                      upcoming: Callable[[], Message | None] | None = None) -> SendResult:
         f = Failover()
         retried = False
         while True:
@@ -179,9 +214,9 @@ class SmtpSender(_Counters):
                     return ABANDONED
             reused = conn.session.sent > 0
             try:
-                result = conn.send(env)
+                result = conn.send(env, self._then(conn, upcoming))
             except ConnectionLost as lost:
-                self._drop(conn, lost=True)
+                self._drop(conn, lost=True)  # an ahead message on it goes fresh (send_then)
                 if lost.retry_safe and reused and not retried:
                     retried = True  # not delivered: once more, at once, on a new connection
                     continue

@@ -7,15 +7,24 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from ..messages import Message
-from .base import ABANDONED, Sender, SendResult
+from .base import ABANDONED, ChainingSender, Sender, SendResult
 from .engine import Engine, _Job
 
 
 def _call(sender: Sender, message: Message) -> SendResult:
     try:
         return sender.send(message)
+    except Exception as exc:  # noqa: BLE001 - a sender bug must not kill the worker thread
+        return SendResult("transient", f"{type(exc).__name__}: {exc}")
+
+
+def _call_then(sender: ChainingSender, message: Message,
+               upcoming: Callable[[], Message | None]) -> SendResult:
+    try:
+        return sender.send_then(message, upcoming)
     except Exception as exc:  # noqa: BLE001 - a sender bug must not kill the worker thread
         return SendResult("transient", f"{type(exc).__name__}: {exc}")
 
@@ -48,20 +57,45 @@ class ThreadEngine(Engine):
 
     def _worker(self) -> None:
         ready, sender, limiter = self._ready, self.sender, self.limiter
+        # A chaining sender (SMTP with PIPELINING) may begin this thread's next job while the
+        # current one's data goes out, one write and one read a message instead of two each
+        # (docs/ray-notes.md, "Chained sends"). Not under --rate: a transaction starts only
+        # once its turn has come.
+        chained = sender if isinstance(sender, ChainingSender) and limiter is None else None
+        ahead: list[_Job] = []  # the job `upcoming` took: under way, it is this thread's next
+
+        def upcoming() -> Message | None:
+            if ahead or self._stopping.is_set():
+                return None
+            try:
+                job = ready.get_nowait()
+            except queue.Empty:
+                return None
+            if job is None:  # close(): the thread ends once this job is over
+                ready.put(None)
+                return None
+            ahead.append(job)
+            return job.message
+
         while True:
-            job = ready.get()
-            if job is None:
-                return
-            if self._stopping.is_set():
-                self._abandon(job)
-                continue
-            if limiter is not None:
-                limiter.wait()
-                if self._stopping.is_set():  # stopped while waiting for its turn
+            if ahead:  # its commands went out: in flight, it finishes even after a stop
+                job = ahead.pop()
+            else:
+                got = ready.get()
+                if got is None:
+                    return
+                job = got
+                if self._stopping.is_set():
                     self._abandon(job)
                     continue
+                if limiter is not None:
+                    limiter.wait()
+                    if self._stopping.is_set():  # stopped while waiting for its turn
+                        self._abandon(job)
+                        continue
             t0 = time.time()
-            result = _call(sender, job.message)
+            result = (_call(sender, job.message) if chained is None
+                      else _call_then(chained, job.message, upcoming))
             if result is ABANDONED:  # the sender was cancelled by a stop before sending
                 self._abandon(job)
                 continue

@@ -5,9 +5,9 @@ driver only writes, reads and upgrades to TLS, so both run the same protocol cod
 
 PIPELINING (RFC 2920): MAIL + RCPT + DATA in one write, then the dot-stuffed data and "." in one
 write; RSET only after a transaction refused before its data, first in the next group. Once a
-transaction's data step is reached (`FINAL`), the async sender's pump (pump.py) may start the
-next transaction on the same connection, its commands in the same write as that data; replies
-go to the waiting reads in order. Without PIPELINING:
+transaction's data step is reached (`FINAL`), the async sender's pump (pump.py), or a sending
+thread (smtp.SmtpSender.send_then), may start the next transaction on the same connection, its
+commands in the same write as that data; replies go to the waiting reads in order. Without PIPELINING:
 lock-step, RSET before each reuse (`Session.lockstep_rset`). 4xx transient, 5xx permanent, 421
 closes. A broken connection raises `ConnectionLost`; `retry_safe`: the data was not written yet.
 """
