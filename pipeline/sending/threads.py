@@ -14,17 +14,9 @@ from .base import ABANDONED, ChainingSender, Sender, SendResult
 from .engine import Engine, _Job
 
 
-def _call(sender: Sender, message: Message) -> SendResult:
+def _call(send: Callable[[Message], SendResult], message: Message) -> SendResult:
     try:
-        return sender.send(message)
-    except Exception as exc:  # noqa: BLE001 - a sender bug must not kill the worker thread
-        return SendResult("transient", f"{type(exc).__name__}: {exc}")
-
-
-def _call_then(sender: ChainingSender, message: Message,
-               upcoming: Callable[[], Message | None]) -> SendResult:
-    try:
-        return sender.send_then(message, upcoming)
+        return send(message)
     except Exception as exc:  # noqa: BLE001 - a sender bug must not kill the worker thread
         return SendResult("transient", f"{type(exc).__name__}: {exc}")
 
@@ -61,7 +53,6 @@ class ThreadEngine(Engine):
         # current one's data goes out, one write and one read a message instead of two each
         # (docs/ray-notes.md, "Chained sends"). Not under --rate: a transaction starts only
         # once its turn has come.
-        chained = sender if isinstance(sender, ChainingSender) and limiter is None else None
         ahead: list[_Job] = []  # the job `upcoming` took: under way, it is this thread's next
 
         def upcoming() -> Message | None:
@@ -76,6 +67,13 @@ class ThreadEngine(Engine):
                 return None
             ahead.append(job)
             return job.message
+
+        send: Callable[[Message], SendResult] = sender.send
+        if isinstance(sender, ChainingSender) and limiter is None:
+            chaining = sender
+
+            def send(message: Message) -> SendResult:
+                return chaining.send_then(message, upcoming)
 
         while True:
             if ahead:  # its commands went out: in flight, it finishes even after a stop
@@ -94,8 +92,7 @@ class ThreadEngine(Engine):
                         self._abandon(job)
                         continue
             t0 = time.time()
-            result = (_call(sender, job.message) if chained is None
-                      else _call_then(chained, job.message, upcoming))
+            result = _call(send, job.message)
             if result is ABANDONED:  # the sender was cancelled by a stop before sending
                 self._abandon(job)
                 continue
