@@ -242,22 +242,24 @@ def test_async_sender_pools_connections_and_survives_a_drop(sink: Sink) -> None:
 # --------------------------------------------------------------------------- chained sends
 
 def _chained(tmp_path: Path, port: int, *, threads: int = 1, limiter: Any = None,
-             max_per_connection: int = 1000, relay_limiter: Any = None) -> ThreadEngine:
+             max_per_connection: int = 1000, relay_limiter: Any = None,
+             composer: Composer = COMPOSER) -> ThreadEngine:
     """The thread engine over SmtpSender, as a sender actor runs them, into test_wire's Fake
     (a server offering PIPELINING that records what each read brought)."""
     ledger = LedgerWriter(str(tmp_path / "run"), writer="w", node="n", run="r", epoch=1)
     snd = SmtpSender(SmtpConfig(host="127.0.0.1", port=port, timeout=5,
-                                max_per_connection=max_per_connection), COMPOSER,
+                                max_per_connection=max_per_connection), composer,
                      local_hostname="client.example",
                      limiters={f"127.0.0.1:{port}": relay_limiter} if relay_limiter else None)
     return ThreadEngine(snd, concurrency=threads, ledger=ledger, limiter=limiter,
                         retry=RetryPolicy(max_attempts=3, backoff_base=0.05))
 
 
-def _chained_with(fake: Fake, before: str, after: str) -> bool:
-    """Whether `before`'s data and `after`'s commands reached the server in one read."""
-    return any(f"To: {before}\r\n".encode() in c and f"RCPT TO:<{after}>".encode() in c
-               for _, c in fake.chunks)
+def _chained_with(fake: Fake, before: int, after: int) -> bool:
+    """Whether message `before`'s data and message `after`'s commands reached the server in one
+    read (messages of `_msgs`: Message-ID <c.N@...>, to userN@example.com)."""
+    return any(f"Message-ID: <c.{before}@".encode() in c
+               and f"RCPT TO:<user{after}@example.com>".encode() in c for _, c in fake.chunks)
 
 
 class _Unpaced:
@@ -319,8 +321,8 @@ def test_chains_end_at_max_per_connection_and_threads_end_on_close(tmp_path: Pat
             t.join(5)
     assert not any(t.is_alive() for t in threads)
     assert fake.connections == 4 and len(fake.received) == 10  # 3 + 3 + 3 + 1
-    assert _chained_with(fake, "user0@example.com", "user1@example.com")
-    assert not _chained_with(fake, "user2@example.com", "user3@example.com")  # a new connection
+    assert _chained_with(fake, 0, 1)
+    assert not _chained_with(fake, 2, 3)  # a new connection
 
 
 def test_a_stop_mid_chain_sends_or_abandons_each_message_once(tmp_path: Path) -> None:
@@ -356,7 +358,27 @@ def test_a_composer_bug_on_the_next_message_fails_only_it(tmp_path: Path) -> Non
     rows = read_journal(str(tmp_path / "run"))
     failed = rows.filter(pl.col("status") == "failed")
     assert failed["id"].to_list() == [3] and "message not built" in failed["error"][0]
-    assert _chained_with(fake, "user4@example.com", "user5@example.com")
+    assert _chained_with(fake, 4, 5)
+
+
+def test_a_message_over_the_servers_size_is_refused_before_it_would_be_chained(
+        tmp_path: Path) -> None:
+    """The Fake announces SIZE 100000: user4's message is over it, so its transaction never
+    begins (nothing of it written) and it fails alone; the chain goes on after it."""
+    composer = Composer(MessageConfig(from_addr=FROM, body="{{ name }}\n"), campaign="t")
+    batch = [Message(i, f"user{i}@example.com", f"<c.{i}@bulkmail.example>",
+                     {"name": "word " * (30_000 if i == 4 else 2)}) for i in range(8)]
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port, composer=composer)
+        counts = e.run(batch)
+        e.close()
+        e.ledger.flush()
+    assert counts.sent == 7 and counts.failed == 1 and counts.attempts == 8
+    assert fake.connections == 1 and len(fake.received) == 7
+    failed = read_journal(str(tmp_path / "run")).filter(pl.col("status") == "failed")
+    assert failed["id"].to_list() == [4] and "SIZE" in failed["error"][0]
+    assert not any(b"RCPT TO:<user4@example.com>" in c for _, c in fake.chunks)
+    assert _chained_with(fake, 5, 6)
 
 
 def test_a_421_inside_a_chain_retries_that_message_on_a_new_connection(tmp_path: Path) -> None:
@@ -371,7 +393,7 @@ def test_a_421_inside_a_chain_retries_that_message_on_a_new_connection(tmp_path:
     assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in _msgs(10))
     attempts = _attempts(tmp_path)
     assert attempts[4] == 2 and all(attempts[i] == 1 for i in range(10) if i != 4)
-    assert _chained_with(fake, "user3@example.com", "user4@example.com")
+    assert _chained_with(fake, 3, 4)
 
 
 def test_a_connection_broken_mid_chain_retries_the_written_one_and_sends_the_next_fresh(
@@ -388,7 +410,7 @@ def test_a_connection_broken_mid_chain_retries_the_written_one_and_sends_the_nex
     assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in _msgs(10))
     attempts = _attempts(tmp_path)
     assert attempts[3] == 2 and all(attempts[i] == 1 for i in range(10) if i != 3)
-    assert _chained_with(fake, "user3@example.com", "user4@example.com")
+    assert _chained_with(fake, 3, 4)
 
 
 def test_a_refusal_inside_a_chain_fails_that_message_and_the_chain_goes_on(
@@ -404,8 +426,8 @@ def test_a_refusal_inside_a_chain_fails_that_message_and_the_chain_goes_on(
     assert fake.connections == 1  # RSET, then the next message, on the same connection
     rows = read_journal(str(tmp_path / "run")).filter(pl.col("id") == 4)
     assert rows["error"].to_list() == ["550 5.1.1 no such user"]
-    assert _chained_with(fake, "user3@example.com", "user4@example.com")
-    assert _chained_with(fake, "user5@example.com", "user6@example.com")
+    assert _chained_with(fake, 3, 4)
+    assert _chained_with(fake, 5, 6)
 
 
 def test_a_server_closing_after_a_reply_sends_the_chained_message_fresh(tmp_path: Path) -> None:
@@ -419,7 +441,7 @@ def test_a_server_closing_after_a_reply_sends_the_chained_message_fresh(tmp_path
     assert counts.sent == 8 and counts.attempts == 8
     assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in _msgs(8))
     assert fake.connections == 2 and set(_attempts(tmp_path).values()) == {1}
-    assert _chained_with(fake, "user2@example.com", "user3@example.com")
+    assert _chained_with(fake, 2, 3)
 
 
 # --------------------------------------------------------------------------- whole campaigns
