@@ -209,10 +209,8 @@ def finish(loaded: Loaded, *, wait: bool = True) -> tuple[LoadSummary, str | Non
         return loaded.summary, None
     counts, error = loaded.later.finish(wait=wait, timeout=FINISH_TIMEOUT)
     first = list(ray.get(loaded.later.first.counts))
-    p = loaded.summary.partitions
-    summary = partitions.summarise(first + counts, fields=loaded.summary.fields, partitions=p,
-                                   waves=loaded.wave_count,
-                                   complete=len(first + counts) == p * loaded.wave_count)
+    summary = partitions.summarise(first + counts, fields=loaded.summary.fields,
+                                   partitions=loaded.summary.partitions, waves=loaded.wave_count)
     return summary, error
 
 

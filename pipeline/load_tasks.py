@@ -110,7 +110,7 @@ def settle(part: int, rules: Rules, suppression: pl.Series | None, resume_from: 
     goes to one actor at a time)."""
     frames = [frame_of(t) for t in pieces if t.num_rows]
     if not frames:
-        yield PartitionCounts(settled_at=time.time())
+        yield _stamped(PartitionCounts())
         yield pa.table({})
         yield Blocks(schema=pa.schema([]), shapes=())
         return
@@ -136,7 +136,7 @@ def settle_wave(part: int, rules: Rules, suppression: pl.Series | None, resume_f
     PartitionCounts, settled ledger rows, keepers (for the waves after) and rows to send."""
     frames = [frame_of(t) for t in pieces[:maps] if t.num_rows]
     if not frames:
-        return PartitionCounts(settled_at=time.time()), pa.table({}), pa.table({}), pa.table({})
+        return _stamped(PartitionCounts()), pa.table({}), pa.table({}), pa.table({})
     done = (ledger.done_ids(resume_from, part, retry_failed=retry_failed)
             if resume_from is not None else None)
     out = partitions.settle(frames, fields=rules.fields, suppression=suppression, done=done,

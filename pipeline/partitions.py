@@ -288,13 +288,12 @@ class LoadSummary:
 
 
 def summarise(parts: Sequence[PartitionCounts], *, fields: tuple[str, ...],
-              partitions: int, waves: int = 1, complete: bool = True) -> LoadSummary:
-    """`parts`: the partitions of `waves` waves, or of fewer (`complete` False: then the
-    summary has no `loaded_at`)."""
+              partitions: int, waves: int = 1) -> LoadSummary:
+    """`parts`: the partitions of `waves` waves, or of fewer (a stopped or broken load: then
+    the summary has no `loaded_at`)."""
     counts = {s: sum(p.counts.get(s, 0) for p in parts) for s in (INVALID, DUPLICATE, SUPPRESSED)}
-    times = [p.settled_at for p in parts]
-    loaded_at = (max(t for t in times if t is not None)
-                 if complete and times and None not in times else None)
+    stamps = [p.settled_at for p in parts if p.settled_at is not None]
+    loaded_at = max(stamps) if stamps and len(stamps) == partitions * waves else None
     return LoadSummary(input_rows=sum(p.input_rows for p in parts),
                        to_send=sum(p.to_send for p in parts),
                        already_done=sum(p.already_done for p in parts), counts=counts,
