@@ -178,7 +178,7 @@ class SendBatches:
 
     def __init__(self, *, run_dir: str, campaign: str, run_id: str, epoch: int, config: SendConfig,
                  coordinator: Any, fields: tuple[str, ...], rate_limiter: Any = None,
-                 relay_limiters: dict[str, Any] | None = None) -> None:
+                 relay_limiters: dict[str, Any] | None = None, warm: bool = False) -> None:
         # The cyclic GC, not sending, was half of an async actor's CPU: asyncio allocates a few
         # container objects per email (future, timer handle, coroutine), so at the default
         # threshold (700) a young collection ran every ~100 emails and the older generations
@@ -229,7 +229,9 @@ class SendBatches:
             self.engine = AsyncEngine(sender, **common)
         else:
             assert isinstance(sender, Sender)
-            self.engine = ThreadEngine(sender, **common)
+            # `warm`: the threads connect while this actor waits for the pool's first batch
+            # (batching.warm_connections).
+            self.engine = ThreadEngine(sender, warm=warm, **common)
         # Checked without the lock on every batch, taken only until the pool is up.
         self._pool_up = False
         self._pool_lock = threading.Lock()

@@ -15,7 +15,7 @@ from typing import Any
 
 # Ray is imported only where a run needs it (the *_stage modules, ray_session): the CLI turns
 # every flag, file and column error into one line before that, about 0.5 s sooner.
-from . import ledger, partitions, ray_session, recipients, report, send_stage, storage
+from . import batching, ledger, partitions, ray_session, recipients, report, send_stage, storage
 from .config import CampaignConfig, SendConfig
 from .errors import CampaignInterrupted, UsageError
 from .hooks import Hooks, Stages
@@ -94,7 +94,7 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
                                      retry_failed=config.retry_failed,
                                      # Sized from the input's rows (the rows to send are known
                                      # only once the load has run): one block, one batch.
-                                     block_rows=send_stage.batch_size_for(
+                                     block_rows=batching.batch_size_for(
                                          send, sum(u.rows for u in units)),
                                      wave_rows=config.wave_rows,
                                      reserved_cpus=send.actors * send.cpus_per_actor)
@@ -103,7 +103,7 @@ def _run(config: CampaignConfig, p: Plan, send: SendConfig, units: list[recipien
             storage.makedirs(p.run_dir)
             load_stage.write_settled(loaded, run_dir=p.run_dir, run_id=p.run_id, epoch=lease.epoch)
         summary = loaded.summary
-        send = send_stage.pool_for(send, loaded.batches)  # no more actors than batches
+        send = batching.pool_for(send, loaded.batches)  # no more actors than batches
         # Of a load in waves: the whole input, and at most every row of the waves still loading.
         manifest = {"campaign": p.campaign, "input": p.input, "input_rows": loaded.input_rows,
                     "to_send": loaded.expected(), "already_done": summary.already_done,

@@ -67,7 +67,8 @@ def build_parser(prog: str = "bulkmail") -> argparse.ArgumentParser:
                    "(with the fake sender, at least 0.5 s of their sends), or in async mode a "
                    "quarter of its concurrent sends (at least 1,000, or all if fewer); with "
                    "--sender smtp as many rows as leave each actor 20 batches, up to 20 s of "
-                   "its sends at 1 s each and 2,000 (threads) or 8,000 (async); rate-limited, "
+                   "its sends at 1 s each and 2,000 (threads) or 8,000 (async), and in threads "
+                   "mode at least four rounds of the threads; rate-limited, "
                    "one second of an actor's share of the rate (or the pool, if larger); capped "
                    "so each actor gets at least 4 batches")
     g.add_argument("--sender", choices=["fake", "smtp"], default="fake",

@@ -104,7 +104,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[5_000_000, 20_000_000])
     ap.add_argument("--actors", type=int, default=2)
-    # Batches are a quarter of the pool (send_stage.batch_size_for) and the driver holds ~50 KB
+    # Batches are a quarter of the pool (batching.batch_size_for) and the driver holds ~50 KB
     # per block of one batch: 2 × 5,000 made 16,000 blocks of 1,250 at 20M (driver 1.06 GiB,
     # 59,000/s); 2 × 50,000 makes blocks of 12,500, as the 1M run uses.
     ap.add_argument("--concurrency-per-actor", type=int, default=50_000)

@@ -45,7 +45,7 @@ def test_more_actors_than_rows(tmp_path: Path) -> None:
     led = read_ledger(tmp_path)
     assert sorted(led["id"].to_list()) == [0, 1, 2]
     assert rep.counts.sent == 3
-    # Three batches of one row: three actors ran (send_stage.pool_for), and the report says so.
+    # Three batches of one row: three actors ran (batching.pool_for), and the report says so.
     assert rep.config.actors == 3 and rep.config.total_concurrency == 12
 
 

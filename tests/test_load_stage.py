@@ -230,7 +230,7 @@ def test_rows_to_send_come_in_blocks_of_a_batch() -> None:
     assert max(sizes) <= 150 and sum(sizes) == out.summary.to_send
     assert len(sizes) >= out.summary.to_send // 150
     # Each partition's last block is short; Ray Data joins blocks into batches of 150, so
-    # there are fewer batches than blocks (send_stage.pool_for sizes the pool by them).
+    # there are fewer batches than blocks (batching.pool_for sizes the pool by them).
     assert out.batches == -(-out.summary.to_send // 150) < len(sizes)
     few = dataclasses.replace(out, summary=dataclasses.replace(out.summary, to_send=20))
     assert few.batches == 1

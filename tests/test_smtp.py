@@ -243,7 +243,7 @@ def test_async_sender_pools_connections_and_survives_a_drop(sink: Sink) -> None:
 
 def _chained(tmp_path: Path, port: int, *, threads: int = 1, limiter: Any = None,
              max_per_connection: int = 1000, relay_limiter: Any = None,
-             composer: Composer = COMPOSER) -> ThreadEngine:
+             composer: Composer = COMPOSER, warm: bool = False) -> ThreadEngine:
     """The thread engine over SmtpSender, as a sender actor runs them, into test_wire's Fake
     (a server offering PIPELINING that records what each read brought)."""
     ledger = LedgerWriter(str(tmp_path / "run"), writer="w", node="n", run="r", epoch=1)
@@ -251,7 +251,7 @@ def _chained(tmp_path: Path, port: int, *, threads: int = 1, limiter: Any = None
                                 max_per_connection=max_per_connection), composer,
                      local_hostname="client.example",
                      limiters={f"127.0.0.1:{port}": relay_limiter} if relay_limiter else None)
-    return ThreadEngine(snd, concurrency=threads, ledger=ledger, limiter=limiter,
+    return ThreadEngine(snd, concurrency=threads, ledger=ledger, limiter=limiter, warm=warm,
                         retry=RetryPolicy(max_attempts=3, backoff_base=0.05))
 
 
@@ -442,6 +442,105 @@ def test_a_server_closing_after_a_reply_sends_the_chained_message_fresh(tmp_path
     assert sorted(to for _, to, _ in fake.received) == sorted(m.to for m in _msgs(8))
     assert fake.connections == 2 and set(_attempts(tmp_path).values()) == {1}
     assert _chained_with(fake, 2, 3)
+
+
+# --------------------------------------------------------------------------- warm threads
+
+def _until(ok: Any, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not ok() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(ok())
+
+
+def test_warm_threads_connect_before_their_first_message_and_send_on_those(
+        tmp_path: Path) -> None:
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port, threads=3, warm=True)
+        # Each thread connects and says EHLO as the engine starts, before any message.
+        assert _until(lambda: sum(b"EHLO client.example" in c for _, c in fake.chunks) == 3)
+        assert fake.connections == 3 == fake.open_now and not fake.mails
+        assert e.run(_msgs(30)).sent == 30
+        e.close()
+    assert fake.connections == 3 and len(fake.received) == 30  # those three, none more
+    with Fake() as cold:
+        e = _chained(tmp_path, cold.port, threads=3)
+        time.sleep(0.3)
+        assert cold.connections == 0  # not warm: a thread connects for its first message
+        e.close()
+
+
+def test_a_relay_down_as_threads_warm_up_fails_no_thread_and_no_message(tmp_path: Path) -> None:
+    with Fake() as fake:
+        port = fake.port
+    e = _chained(tmp_path, port, threads=2, warm=True)  # nothing listens on `port` any more
+    pool = e.sender.pool  # type: ignore[attr-defined]
+    assert _until(lambda: pool.relays[0].failures == 2)  # each thread tried, and gave up
+    assert pool.live == 0 and all(t.is_alive() for t in e._threads)
+    assert read_journal(str(tmp_path / "run")).height == 0  # warming records nothing
+    counts = e.run(_msgs(2))  # the messages meet the relay down, as they would cold
+    e.close()
+    assert counts.sent == 0 and counts.failed == 2
+
+
+def test_warm_connections_the_server_dropped_while_idle_cost_no_attempt(tmp_path: Path) -> None:
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port, threads=2, warm=True)
+        assert _until(lambda: fake.open_now == 2)
+        for w in list(fake.writers):  # an idle timeout on the server's side
+            fake.loop.call_soon_threadsafe(w.close)
+        assert _until(lambda: fake.open_now == 0)
+        counts = e.run(_msgs(6))
+        e.close()
+        e.ledger.flush()
+    # Each thread's first message found its connection closed before its data went out: sent
+    # at once on a new one, one attempt, as on a connection that had carried messages before.
+    assert counts.sent == 6 and counts.retries == 0 and set(_attempts(tmp_path).values()) == {1}
+    reconnects = e.sender.reconnects  # type: ignore[attr-defined]
+    assert reconnects >= 1 and fake.connections == 2 + reconnects  # a thread may have had none
+
+
+class _SlowGreeting:
+    """A server that greets each connection after `delay` s (then answers EHLO and QUIT), and
+    counts the connections the client closed."""
+
+    def __init__(self, delay: float) -> None:
+        import socket
+        self.delay, self.accepted, self.closed = delay, 0, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        with conn:
+            time.sleep(self.delay)
+            conn.sendall(b"220 slow ESMTP\r\n")
+            while data := conn.recv(4096):
+                if data.startswith(b"QUIT"):
+                    conn.sendall(b"221 bye\r\n")
+                elif data.startswith(b"EHLO"):
+                    conn.sendall(b"250 slow\r\n")
+            self.closed += 1
+
+
+def test_closing_while_threads_warm_up_leaves_no_connection_open(tmp_path: Path) -> None:
+    server = _SlowGreeting(0.5)
+    e = _chained(tmp_path, server.port, threads=3, warm=True)
+    assert _until(lambda: server.accepted == 3)  # the threads are waiting for the greeting
+    e.close()
+    snd = e.sender  # type: ignore[attr-defined]
+    assert _until(lambda: server.closed == 3)  # each connection made was closed, none left
+    assert snd.pool.live == 0 and not snd._all
+    server.sock.close()
 
 
 # --------------------------------------------------------------------------- whole campaigns

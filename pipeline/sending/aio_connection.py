@@ -191,3 +191,21 @@ class WriteBatch:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
+
+
+async def quit_all(conns: list[AsyncConnection], timeout: float) -> None:
+    """QUIT on each usable connection, up to `timeout` for the replies, then close them all."""
+    futs = []
+    try:
+        for c in conns:
+            if c.usable:
+                c.write(b"QUIT\r\n")
+                futs.append(c.expect(1))
+        if futs:
+            await asyncio.wait(futs, timeout=timeout)
+            for f in futs:
+                if f.done() and not f.cancelled():
+                    f.exception()  # retrieved: a connection reset after QUIT is no news
+    finally:
+        for c in conns:
+            c.abort()

@@ -51,6 +51,15 @@ class ChainingSender(Protocol):
 
 
 @runtime_checkable
+class WarmingSender(Protocol):
+    """A blocking sender that can open the calling thread's connection before its first message
+    (SmtpSender): a pool of threads then connects while the actor waits for its first batch,
+    not all at once in the run's first round."""
+
+    def warm(self) -> None: ...
+
+
+@runtime_checkable
 class AsyncSender(Protocol):
     async def asend(self, message: Message) -> SendResult: ...
     async def aclose(self) -> None: ...

@@ -6,32 +6,27 @@ its connections through a `relays.RelayPool`, which chooses among several relays
 failing one out of rotation.
 
 Connection discipline, the same in both:
-- a connection is reused for up to `max_per_connection` messages, with no RSET between
-  successful transactions when the server offers PIPELINING (lock-step servers get an RSET
-  before each reuse: wire.Session.lockstep_rset); then it is closed with QUIT;
-- a connection attempt that fails goes at once to another healthy relay, in the same send
+- a connection carries up to `max_per_connection` messages (an RSET before each reuse only for
+  lock-step servers: wire.Session.lockstep_rset), then is closed with QUIT;
+- a failed connection attempt goes at once to another healthy relay, in the same send
   (relays.py); with one relay, the failure is the send's transient (or permanent) result;
-- a connection that broke before a message's data was written (a server that dropped an idle
-  connection, say, or one that closed after answering the data before it, its commands in
-  that write) cannot have delivered it: the message goes out at once on a new connection
-  (counted in `reconnects`), on another relay if it was a fresh connection that broke;
-- a connection error after the data was written fails that message only, as transient (the
-  engine retries it after a backoff), and the connection is thrown away, so it never poisons
-  the next send;
-- a relay with a `rate` is paced right before each transaction: the sender waits for a slot of
-  that relay's cluster-wide schedule (its limiter); a limiter cancelled by a stop answers
-  `ABANDONED` (not sent, not an attempt);
-- reply codes: 4xx transient, 5xx permanent, the server's text is the result's error; a 421
-  also closes the connection.
+- a connection that broke before a message's data was written (an idle one the server dropped,
+  or one closed after answering the data before, its commands in that write) cannot have
+  delivered it: it goes out at once on a new connection (`reconnects`), on another relay if a
+  fresh connection broke; one that broke after the data fails that message only, as transient
+  (the engine retries it after a backoff), and is thrown away;
+- a relay with a `rate` is paced right before each transaction, by a slot of its cluster-wide
+  schedule (its limiter); a limiter cancelled by a stop answers `ABANDONED` (not an attempt);
+- replies: 4xx transient, 5xx permanent, the server's text is the error; a 421 also closes.
 
-The password is read from the environment variable each relay names (`password_env`), inside
-the sender actor: it never travels in a config, a Ray task argument, the ledger, the report or
-a log line, and no error text carries what the client wrote.
+The password is read inside the sender actor, from the variable each relay names (`password_env`):
+never in a config, a task argument, the ledger, the report or a log; no error quotes the client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -39,12 +34,13 @@ from collections.abc import Callable, Mapping
 from ..compose import Composer, Envelope
 from ..config import SendConfig, SmtpConfig
 from ..messages import Message
-from .aio_connection import AsyncConnection, WriteBatch
+from .aio_connection import AsyncConnection, WriteBatch, quit_all
 from .base import ABANDONED, SendResult
 from .blocking import Ahead, SyncConnection
 from .pump import Call, Calls, Pump, Source, wake_one
 from .relays import (
     CONNECT_ERRORS,
+    Attempt,
     Failover,
     Limiter,
     RelayPool,
@@ -70,6 +66,7 @@ class SmtpSender(_Counters):
                          limiters=limiters, pool=pool, max_connections=None)
         self._local = threading.local()
         self._all: set[SyncConnection] = set()
+        self._closed = False
 
     def _conn(self) -> SyncConnection | None:
         """This thread's connection."""
@@ -88,13 +85,13 @@ class SmtpSender(_Counters):
         if mine:
             self.pool.released(conn.relay)
 
-    def _open(self, f: Failover) -> SyncConnection | SendResult:
-        """A new connection for this thread, on the relay the pool chooses, failing over."""
+    def _open(self, f: Failover, *, wait: float | None) -> SyncConnection | SendResult | None:
+        """A new connection for this thread, on the relay the pool chooses, failing over; None
+        when every relay is at its max_connections (only without `wait`: RelayPool.pick)."""
         while True:
-            a = self.pool.pick(f, wait=self.smtp.timeout)
-            if isinstance(a, SendResult):
+            a = self.pool.pick(f, wait=wait)
+            if not isinstance(a, Attempt):
                 return a
-            assert a is not None  # with `wait`, pick never answers None
             r = a.relay
             try:
                 conn = SyncConnection.open(r.smtp, ehlo=self._ehlo, context=r.context,
@@ -109,10 +106,23 @@ class SmtpSender(_Counters):
             self.pool.connected(a)
             self.opened()
             conn.relay = r
-            self._local.conn = conn
             with self._lock:
-                self._all.add(conn)
+                if not (closed := self._closed):
+                    self._all.add(conn)
+            if closed:  # close() came while this thread connected (warming): not left open
+                conn.close()
+                self.pool.released(r)
+                return ABANDONED
+            self._local.conn = conn
             return conn
+
+    def warm(self) -> None:
+        """Open this thread's connection ahead of its first message (base.WarmingSender).
+        Nothing reaches the ledger: relays at their max_connections are left for the first
+        message, and one that refuses is down for it, as a send would have found."""
+        if self._conn() is None:
+            with contextlib.suppress(Exception):  # TLS, AUTH: the first message meets it
+                self._open(Failover(), wait=None)
 
     def send(self, message: Message) -> SendResult:
         env = self._envelope(message)
@@ -202,8 +212,12 @@ class SmtpSender(_Counters):
             if conn is not None and conn.session.sent >= self.smtp.max_per_connection:
                 self._drop(conn, lost=False)
                 conn = None
+            # Not opened by this send (used before, or by `warm`): the server may have dropped it
+            # since, so a break before the data sends again at once and does not blame the relay.
+            reused = conn is not None
             if conn is None:
-                opened = self._open(f)
+                opened = self._open(f, wait=self.smtp.timeout)
+                assert opened is not None  # with `wait`, pick never answers None
                 if isinstance(opened, SendResult):
                     return opened
                 conn = opened
@@ -212,7 +226,6 @@ class SmtpSender(_Counters):
                 relay.limiter.wait()
                 if relay.limiter.cancelled:
                     return ABANDONED
-            reused = conn.session.sent > 0
             try:
                 result = conn.send(env, self._then(conn, upcoming))
             except ConnectionLost as lost:
@@ -230,6 +243,7 @@ class SmtpSender(_Counters):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             conns = list(self._all)
         for conn in conns:
             self._drop(conn, lost=False)
@@ -346,21 +360,7 @@ class AsyncSmtpSender(_Counters):
         wake_one(self._wanted)
 
     async def quit(self, conns: list[AsyncConnection]) -> None:
-        """QUIT, a moment for the replies, then close."""
-        futs = []
-        try:
-            for c in conns:
-                if c.usable:
-                    c.write(b"QUIT\r\n")
-                    futs.append(c.expect(1))
-            if futs:
-                await asyncio.wait(futs, timeout=min(self.smtp.timeout, 2.0))
-                for f in futs:
-                    if f.done() and not f.cancelled():
-                        f.exception()  # retrieved: a connection reset after QUIT is no news
-        finally:
-            for c in conns:
-                c.abort()
+        await quit_all(conns, min(self.smtp.timeout, 2.0))
 
     async def aclose(self) -> None:
         """Stop asend's pumps; QUIT every connection still open (the engine cancels its own

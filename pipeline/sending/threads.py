@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from ..messages import Message
-from .base import ABANDONED, ChainingSender, Sender, SendResult
+from .base import ABANDONED, ChainingSender, Sender, SendResult, WarmingSender
 from .engine import Engine, _Job
 
 
@@ -24,9 +24,11 @@ def _call(send: Callable[[Message], SendResult], message: Message) -> SendResult
 class ThreadEngine(Engine):
     """`concurrency` threads, one ready queue, one timer thread for retries."""
 
-    def __init__(self, sender: Sender, **kwargs: object) -> None:
+    def __init__(self, sender: Sender, *, warm: bool = False, **kwargs: object) -> None:
+        """`warm`: each thread opens its connection as it starts (a WarmingSender's)."""
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.sender = sender
+        self._warm = warm
         self._ready: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._delayed: list[tuple[float, int, _Job]] = []
         self._delayed_cv = threading.Condition()
@@ -75,6 +77,9 @@ class ThreadEngine(Engine):
             def send(message: Message) -> SendResult:
                 return chaining.send_then(message, upcoming)
 
+        if self._warm and isinstance(sender, WarmingSender) and not (
+                self._closed or self._stopping.is_set()):
+            sender.warm()
         while True:
             if ahead:  # its commands went out: in flight, it finishes even after a stop
                 job = ahead.pop()
