@@ -486,7 +486,8 @@ def test_a_relay_down_as_threads_warm_up_fails_no_thread_and_no_message(tmp_path
 def test_warm_connections_the_server_dropped_while_idle_cost_no_attempt(tmp_path: Path) -> None:
     with Fake() as fake:
         e = _chained(tmp_path, fake.port, threads=2, warm=True)
-        assert _until(lambda: fake.open_now == 2)
+        snd = e.sender  # type: ignore[attr-defined]
+        assert _until(lambda: snd.connections_opened == 2)  # both threads' EHLOs answered
         for w in list(fake.writers):  # an idle timeout on the server's side
             fake.loop.call_soon_threadsafe(w.close)
         assert _until(lambda: fake.open_now == 0)
@@ -496,51 +497,17 @@ def test_warm_connections_the_server_dropped_while_idle_cost_no_attempt(tmp_path
     # Each thread's first message found its connection closed before its data went out: sent
     # at once on a new one, one attempt, as on a connection that had carried messages before.
     assert counts.sent == 6 and counts.retries == 0 and set(_attempts(tmp_path).values()) == {1}
-    reconnects = e.sender.reconnects  # type: ignore[attr-defined]
-    assert reconnects >= 1 and fake.connections == 2 + reconnects  # a thread may have had none
-
-
-class _SlowGreeting:
-    """A server that greets each connection after `delay` s (then answers EHLO and QUIT), and
-    counts the connections the client closed."""
-
-    def __init__(self, delay: float) -> None:
-        import socket
-        self.delay, self.accepted, self.closed = delay, 0, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: Any) -> None:
-        with conn:
-            time.sleep(self.delay)
-            conn.sendall(b"220 slow ESMTP\r\n")
-            while data := conn.recv(4096):
-                if data.startswith(b"QUIT"):
-                    conn.sendall(b"221 bye\r\n")
-                elif data.startswith(b"EHLO"):
-                    conn.sendall(b"250 slow\r\n")
-            self.closed += 1
+    assert snd.reconnects >= 1 and fake.connections == 2 + snd.reconnects  # a thread may get none
 
 
 def test_closing_while_threads_warm_up_leaves_no_connection_open(tmp_path: Path) -> None:
-    server = _SlowGreeting(0.5)
-    e = _chained(tmp_path, server.port, threads=3, warm=True)
-    assert _until(lambda: server.accepted == 3)  # the threads are waiting for the greeting
-    e.close()
-    snd = e.sender  # type: ignore[attr-defined]
-    assert _until(lambda: server.closed == 3)  # each connection made was closed, none left
-    assert snd.pool.live == 0 and not snd._all
-    server.sock.close()
+    with Fake(greet_after=0.5) as fake:
+        e = _chained(tmp_path, fake.port, threads=3, warm=True)
+        assert _until(lambda: fake.connections == 3)  # the threads wait for the greeting
+        e.close()
+        snd = e.sender  # type: ignore[attr-defined]
+        assert _until(lambda: fake.open_now == 0)  # each connection made was closed
+        assert _until(lambda: snd.pool.live == 0) and not snd._all  # and its slot given back
 
 
 # --------------------------------------------------------------------------- whole campaigns

@@ -208,6 +208,7 @@ class Fake:
     drop: dict[str, str] = field(default_factory=dict)  # address -> "rcpt" | "data": drop, once
     stall: set[str] = field(default_factory=set)  # never answer the end of their data
     close_after: set[str] = field(default_factory=set)  # answer their data, then close, once
+    greet_after: float = 0.0  # seconds before the greeting
     tls: str = "none"  # "starttls" or "ssl" (implicit), with `ssl_context`
     ssl_context: ssl.SSLContext | None = None
     auth: dict[str, str] | None = None  # AUTH PLAIN and LOGIN (only over TLS when TLS is on)
@@ -264,8 +265,9 @@ class Fake:
         conn, buf, rcpt, data, in_data = self.connections, b"", "", None, False
         tls, authed, login = self.tls == "ssl", False, None
         self.writers.add(writer)
-        writer.write(b"220 fake ESMTP\r\n")
         try:
+            await asyncio.sleep(self.greet_after)
+            writer.write(b"220 fake ESMTP\r\n")
             while chunk := await reader.read(65536):
                 self.chunks.append((conn, chunk))
                 buf += chunk
