@@ -109,7 +109,7 @@ def warm_connections(send: SendConfig, batch_size: int) -> bool:
     its first batch: when one batch fills the pool, so every thread will send. Otherwise the
     run's first round waits behind 800 connections and EHLOs at once: against smtp-sink -w 1
     the card's first full round of replies came 2.54-2.58 s into its send window with the
-    threads connected ahead, 2.75-2.78 s without (alternating runs; README, "SMTP throughput").
+    threads connected ahead, 2.75-2.78 s in two cold runs of three (README, "SMTP throughput").
     Not under --rate or a relay's rate: a thread's first turn may come long after it connected,
     and servers drop idle connections."""
     rated = send.rate is not None or any(r.rate is not None for r in send.smtp.effective_relays)
