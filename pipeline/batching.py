@@ -30,8 +30,8 @@ def batch_size_for(send: SendConfig, rows: int) -> int:
     # otherwise the tail waits on one actor.
     per_actor_share = math.ceil(rows / (send.actors * 4)) if rows else 1
     rate = send.rate
-    relay_rates = [r.rate for r in send.smtp.effective_relays if r.rate is not None]
-    if relay_rates and send.sender == "smtp":
+    relay_rates = _relay_rates(send)
+    if relay_rates:
         # Relays with a rate pace the sends that chose them, as --rate paces all: size by their
         # sum (what the run sends per second at least, or at most when every relay has one).
         rate = min(rate, sum(relay_rates)) if rate is not None else sum(relay_rates)
@@ -63,6 +63,13 @@ def batch_size_for(send: SendConfig, rows: int) -> int:
     if send.sender == "smtp":
         size = max(size, _smtp_batch(send, rows))
     return max(1, min(size, per_actor_share))
+
+
+def _relay_rates(send: SendConfig) -> list[float]:
+    """The rates of the relays that have one (only --sender smtp sends through relays)."""
+    if send.sender != "smtp":
+        return []
+    return [r.rate for r in send.smtp.effective_relays if r.rate is not None]
 
 
 def _smtp_batch(send: SendConfig, rows: int) -> int:
@@ -112,6 +119,6 @@ def warm_connections(send: SendConfig, batch_size: int) -> bool:
     threads connected ahead, 2.75-2.78 s in two cold runs of three (README, "SMTP throughput").
     Not under --rate or a relay's rate: a thread's first turn may come long after it connected,
     and servers drop idle connections."""
-    rated = send.rate is not None or any(r.rate is not None for r in send.smtp.effective_relays)
+    rated = send.rate is not None or bool(_relay_rates(send))
     return (send.sender == "smtp" and send.mode == "threads" and not rated
             and batch_size >= send.concurrency)
