@@ -13,6 +13,7 @@ import contextlib
 import gc
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -40,6 +41,14 @@ NOT_STARTED = 0  # begin_batch's answer once the run stops: the batch is left fo
 # sending, and the last batches ran on fewer actors (README, "The card against a slow
 # server"). Bounded, so a cluster still adding nodes for the rest sends with those up.
 POOL_START_BOUND = 10.0
+# The GIL's switch interval in a threads-mode sender actor (CPython's default is 5 ms). A thread
+# waiting for the GIL wakes every interval and asks the holder to let go: when 100 sending
+# threads get their replies at once (a slow server answers in bursts), each woke many times a
+# burst for nothing. The card's 8 actors against smtp-sink -w 1, 8 s of perf stat in alternating
+# runs: 94,000-245,000 system calls and 47,000-125,000 context switches at 5 ms, 71,000-90,000
+# and 34,000-45,000 at 50 ms (docs/ray-notes.md, "The GIL's switch interval"). A sending thread
+# still lets go at every read and write, and nothing in the actor computes for 50 ms without one.
+THREAD_SWITCH_INTERVAL = 0.05
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -187,6 +196,8 @@ class SendBatches:
         # Refcounting frees nearly everything, so collecting rarely costs little memory. The
         # actor's process does nothing but send.
         gc.set_threshold(50_000, 20, 100)
+        if config.mode != "async":
+            sys.setswitchinterval(THREAD_SWITCH_INTERVAL)
         # Collecting rarely leaves the cycles of a whole run for the interpreter's final
         # collection when the pool winds down: 2-3 s of CPU per actor after a 1M run (py-spy:
         # gc_collect_main at exit), on the same cores as the ledger's fold, which then took

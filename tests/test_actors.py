@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -91,18 +92,23 @@ def test_a_renewal_that_arrives_late_does_not_move_the_deadline_back() -> None:
 def test_sender_batches_register_and_wait_for_each_other(tmp_path: Path) -> None:
     # The UDF itself (built here, in the driver, as Ray Data builds it in each pool actor):
     # both register under names of their own, and the first one's wait ends with the second.
+    # A threads-mode actor lengthens its process's GIL switch interval (restored after).
     import ray
 
-    from pipeline.actors import SendBatches
+    from pipeline.actors import THREAD_SWITCH_INTERVAL, SendBatches
     from pipeline.config import SendConfig
     c = coordinator()
     config = SendConfig(actors=2, threads_per_actor=2, latency=0.01)
+    before = sys.getswitchinterval()
     udfs = [SendBatches(run_dir=str(tmp_path / "run"), campaign="t", run_id="r1", epoch=1,
                         config=config, coordinator=c, fields=()) for _ in range(2)]
     try:
+        assert before != pytest.approx(THREAD_SWITCH_INTERVAL)
+        assert sys.getswitchinterval() == pytest.approx(THREAD_SWITCH_INTERVAL)
         assert udfs[0].actor != udfs[1].actor
         assert ray.get(c.wait_for_pool.remote(60), timeout=10) == 2
     finally:
+        sys.setswitchinterval(before)
         for udf in udfs:
             udf.engine.close()
             udf._close()

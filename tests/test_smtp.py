@@ -299,6 +299,24 @@ def test_sending_threads_chain_each_message_in_one_write(tmp_path: Path) -> None
     assert len(overlapped) >= 190
 
 
+def test_a_chained_message_is_timed_from_its_commands(tmp_path: Path) -> None:
+    """A chained message's attempt began when its commands went out with the data of the one
+    before it: in the ledger it starts before that one's final reply, and its latency is the
+    whole transaction's, not the part after the thread took it up."""
+    with Fake() as fake:
+        e = _chained(tmp_path, fake.port)
+        assert e.run(_msgs(20)).sent == 20
+        e.close()
+        e.ledger.flush()
+    assert _chained_with(fake, 0, 1)
+    rows = read_journal(str(tmp_path / "run")).sort("id")
+    started, finished = rows["started_at"].to_list(), rows["finished_at"].to_list()
+    chained = [i for i in range(1, 20) if _chained_with(fake, i - 1, i)]
+    assert len(chained) >= 18  # one thread: every message after the first, but after a reconnect
+    for i in chained:
+        assert started[i] < finished[i - 1] <= finished[i]
+
+
 @pytest.mark.parametrize("rate", ["global", "relay"])
 def test_nothing_overlaps_under_a_rate(tmp_path: Path, rate: str) -> None:
     """--rate or a relay's rate: each transaction waits for its own turn, none overlaps."""

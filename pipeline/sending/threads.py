@@ -55,7 +55,9 @@ class ThreadEngine(Engine):
         # current one's data goes out, one write and one read a message instead of two each
         # (docs/ray-notes.md, "Chained sends"). Not under --rate: a transaction starts only
         # once its turn has come.
-        ahead: list[_Job] = []  # the job `upcoming` took: under way, it is this thread's next
+        # `ahead`: the job `upcoming` took, under way, this thread's next; and when its commands
+        # went out, where its attempt began (a round trip before the job before it settles).
+        ahead: list[tuple[_Job, float]] = []
 
         def upcoming() -> Message | None:
             if ahead or self._stopping.is_set():
@@ -67,7 +69,7 @@ class ThreadEngine(Engine):
             if job is None:  # close(): the thread ends once this job is over
                 ready.put(None)
                 return None
-            ahead.append(job)
+            ahead.append((job, time.time()))
             return job.message
 
         send: Callable[[Message], SendResult] = sender.send
@@ -82,7 +84,7 @@ class ThreadEngine(Engine):
             sender.warm()
         while True:
             if ahead:  # its commands went out: in flight, it finishes even after a stop
-                job = ahead.pop()
+                job, t0 = ahead.pop()
             else:
                 got = ready.get()
                 if got is None:
@@ -96,7 +98,7 @@ class ThreadEngine(Engine):
                     if self._stopping.is_set():  # stopped while waiting for its turn
                         self._abandon(job)
                         continue
-            t0 = time.time()
+                t0 = time.time()
             result = _call(send, job.message)
             if result is ABANDONED:  # the sender was cancelled by a stop before sending
                 self._abandon(job)
